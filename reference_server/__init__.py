@@ -1,0 +1,3 @@
+"""A minimal, complete NBD server that follows the protocol specification to the letter."""
+
+__version__ = "0.1.0"

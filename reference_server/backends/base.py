@@ -1,0 +1,73 @@
+"""The storage interface every backend implements (nbdkit's plugin split).
+
+Backends know storage, not the protocol: they never build replies and never
+validate requests.  The protocol layer checks bounds, flags and permissions
+first, then calls a backend; a backend reports trouble by raising OSError,
+which the protocol layer maps to an NBD error ("Values / Transmission phase /
+Error values").
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple
+
+from ..protocol.constants import StateFlag
+
+
+class Extent(NamedTuple):
+    """A run of bytes with one base:allocation status."""
+
+    length: int
+    flags: StateFlag
+
+
+class Backend(abc.ABC):
+    """A fixed-size byte array that may be shared by many connections.
+
+    One backend object serves every connection to its export, so anything
+    one connection writes is what every other connection reads: there is no
+    per-connection cache, which is what makes NBD_FLAG_CAN_MULTI_CONN true.
+    """
+
+    #: Export size in bytes.
+    size: int
+    #: True when calls block on I/O and should run outside the event loop.
+    blocking: bool = False
+    #: Whether ``zero(..., fast=True)`` can ever succeed.
+    can_fast_zero: bool = True
+
+    @abc.abstractmethod
+    def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
+        """Return exactly ``length`` bytes from ``offset``."""
+
+    @abc.abstractmethod
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        """Write ``data``; with ``fua`` it is durable before returning."""
+
+    @abc.abstractmethod
+    def flush(self) -> None:
+        """Make every completed write durable."""
+
+    @abc.abstractmethod
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        """Discard a range (a hint: contents afterwards are unspecified)."""
+
+    @abc.abstractmethod
+    def zero(self, length: int, offset: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        """Make a range read as zeroes.
+
+        ``may_trim`` false means NBD_CMD_FLAG_NO_HOLE: keep it allocated.
+        ``fast`` means NBD_CMD_FLAG_FAST_ZERO: raise OSError(ENOTSUP) at once,
+        changing nothing, unless zeroing is cheaper than writing.
+        """
+
+    @abc.abstractmethod
+    def extents(self, length: int, offset: int) -> list[Extent]:
+        """Allocation status from ``offset``, covering at least one byte."""
+
+    def cache(self, length: int, offset: int) -> None:  # noqa: B027 - optional hook
+        """Prefetch a range; the default does nothing, which the spec allows."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; flushed data stays durable."""

@@ -1,0 +1,178 @@
+"""A raw file or block device, accessed with positioned I/O.
+
+FLUSH and FUA call fdatasync(); TRIM and zeroing punch holes with fallocate()
+where the filesystem can; base:allocation comes from SEEK_DATA/SEEK_HOLE.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+
+from ..protocol.constants import StateFlag
+from .base import Backend, Extent
+
+# <linux/falloc.h>
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_HOLE = StateFlag.HOLE | StateFlag.ZERO
+_DATA = StateFlag(0)
+_ZERO_CHUNK = 1 << 20
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    _fallocate.restype = ctypes.c_int
+
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with flags, which the os module does not offer."""
+    if _fallocate is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class FileBackend(Backend):
+    blocking = True
+
+    def __init__(self, path: str, *, read_only: bool = False) -> None:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        self._fd = os.open(path, flags | os.O_CLOEXEC)
+        try:
+            st = os.fstat(self._fd)
+            if stat.S_ISREG(st.st_mode):
+                self.size = st.st_size
+                self._regular = True
+            elif stat.S_ISBLK(st.st_mode):
+                self.size = os.lseek(self._fd, 0, os.SEEK_END)
+                self._regular = False
+            else:
+                raise OSError(errno.EINVAL, f"{path} is neither a regular file nor a block device")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        # Learned on first use: whether hole punching / zero ranges work here.
+        self._can_punch: bool | None = None if self._regular else False
+        self._can_zero_range: bool | None = None if self._regular else False
+        self.can_fast_zero = self._regular
+
+    def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length:
+            return data
+        # A short read happens only at end of file (or on a signal): finish it.
+        buf = bytearray(data)
+        while len(buf) < length:
+            more = os.pread(self._fd, length - len(buf), offset + len(buf))
+            if not more:
+                raise OSError(errno.EIO, "file shrank underneath the export")
+            buf += more
+        return buf
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+        if fua:
+            os.fdatasync(self._fd)
+
+    def flush(self) -> None:
+        os.fdatasync(self._fd)
+
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        # A hint: if the filesystem cannot punch holes, doing nothing is correct.
+        if (
+            self._try_fallocate(
+                "_can_punch", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length
+            )
+            and fua
+        ):
+            os.fdatasync(self._fd)
+
+    def zero(self, length: int, offset: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        done = False
+        if may_trim:
+            done = self._try_fallocate(
+                "_can_punch", FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length
+            )
+        if not done:
+            done = self._try_fallocate(
+                "_can_zero_range", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length
+            )
+        if not done:
+            if fast:
+                # FAST_ZERO: fail quickly, leaving the contents unchanged.
+                raise OSError(errno.ENOTSUP, "zeroing here is no faster than writing")
+            self._write_zeroes(length, offset)
+        if fua:
+            os.fdatasync(self._fd)
+
+    def _try_fallocate(self, capability: str, mode: int, offset: int, length: int) -> bool:
+        if getattr(self, capability) is False or length == 0:
+            return length == 0
+        try:
+            fallocate(self._fd, mode, offset, length)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                setattr(self, capability, False)
+                return False
+            raise
+        setattr(self, capability, True)
+        return True
+
+    def _write_zeroes(self, length: int, offset: int) -> None:
+        zeroes = bytes(min(length, _ZERO_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeroes), end - offset)
+            self.pwrite(memoryview(zeroes)[:n], offset, fua=False)
+            offset += n
+
+    def extents(self, length: int, offset: int) -> list[Extent]:
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return []
+        if not self._regular:
+            return [Extent(end - offset, _DATA)]
+        result: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data_start = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole remains up to EOF
+                    data_start = end
+                elif exc.errno in _UNSUPPORTED:
+                    return [Extent(end - offset, _DATA)]
+                else:
+                    raise
+            if data_start > pos:
+                stop = min(data_start, end)
+                result.append(Extent(stop - pos, _HOLE))
+                pos = stop
+                continue
+            hole_start = os.lseek(self._fd, pos, os.SEEK_HOLE)
+            stop = min(hole_start, end)
+            result.append(Extent(stop - pos, _DATA))
+            pos = stop
+        return result
+
+    def cache(self, length: int, offset: int) -> None:
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

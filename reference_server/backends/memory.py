@@ -1,0 +1,127 @@
+"""Sparse in-memory storage (``--memory SIZE``).
+
+Only pages that hold non-zero data exist, so a 1 TiB export costs what is
+written.  Holes read as zeroes and are reported as NBD_STATE_HOLE|ZERO.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..protocol.constants import StateFlag
+from .base import Backend, Extent
+
+PAGE_SIZE = 32 * 1024
+_ZERO_PAGE = bytes(PAGE_SIZE)
+_HOLE = StateFlag.HOLE | StateFlag.ZERO
+_DATA = StateFlag(0)
+
+
+class MemoryBackend(Backend):
+    blocking = False
+    can_fast_zero = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._pages: dict[int, bytearray] = {}
+        # Connections may be served from several threads; a page dict update
+        # is not atomic with respect to a concurrent read-modify-write.
+        self._lock = threading.Lock()
+
+    def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
+        out = bytearray(length)
+        view = memoryview(out)
+        pos = 0
+        with self._lock:
+            while pos < length:
+                index, start = divmod(offset + pos, PAGE_SIZE)
+                n = min(PAGE_SIZE - start, length - pos)
+                page = self._pages.get(index)
+                if page is not None:
+                    view[pos : pos + n] = page[start : start + n]
+                pos += n
+        return out
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        src = memoryview(data).cast("B")
+        pos = 0
+        length = len(src)
+        with self._lock:
+            while pos < length:
+                index, start = divmod(offset + pos, PAGE_SIZE)
+                n = min(PAGE_SIZE - start, length - pos)
+                page = self._pages.get(index)
+                if page is None:
+                    if not any(src[pos : pos + n]):
+                        pos += n
+                        continue
+                    page = self._pages[index] = bytearray(PAGE_SIZE)
+                page[start : start + n] = src[pos : pos + n]
+                pos += n
+
+    def flush(self) -> None:
+        """Memory has no volatile cache beyond itself: nothing to do."""
+
+    def trim(self, length: int, offset: int, fua: bool) -> None:
+        self._zero_range(length, offset)
+
+    def zero(self, length: int, offset: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
+        # Zeroing a page means forgetting it: always as fast as a write.  A
+        # NO_HOLE request keeps no extra state because memory cannot run out
+        # "later" in a way that provisioning now would prevent.
+        self._zero_range(length, offset)
+
+    def _zero_range(self, length: int, offset: int) -> None:
+        end = offset + length
+        with self._lock:
+            first = offset // PAGE_SIZE
+            last = (end - 1) // PAGE_SIZE if length else first - 1
+            if last - first + 1 > len(self._pages):
+                indices = [i for i in self._pages if first <= i <= last]
+            else:
+                indices = [i for i in range(first, last + 1) if i in self._pages]
+            for index in indices:
+                page_start = index * PAGE_SIZE
+                lo = max(offset, page_start) - page_start
+                hi = min(end, page_start + PAGE_SIZE) - page_start
+                page = self._pages[index]
+                if lo == 0 and hi == PAGE_SIZE:
+                    del self._pages[index]
+                    continue
+                page[lo:hi] = bytes(hi - lo)
+                if page == _ZERO_PAGE:
+                    del self._pages[index]
+
+    def extents(self, length: int, offset: int) -> list[Extent]:
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return []
+        first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
+        with self._lock:
+            if last - first < 4096:
+                allocated = [i for i in range(first, last + 1) if i in self._pages]
+            else:  # a huge sparse range: walk what exists, not every page
+                allocated = sorted(i for i in self._pages if first <= i <= last)
+        result: list[Extent] = []
+
+        def add(n: int, flags: StateFlag) -> None:
+            if result and result[-1].flags == flags:
+                result[-1] = Extent(result[-1].length + n, flags)
+            else:
+                result.append(Extent(n, flags))
+
+        pos = offset
+        for index in allocated:
+            start = max(index * PAGE_SIZE, offset)
+            if start > pos:
+                add(start - pos, _HOLE)
+            stop = min((index + 1) * PAGE_SIZE, end)
+            add(stop - start, _DATA)
+            pos = stop
+        if pos < end:
+            add(end - pos, _HOLE)
+        return result
+
+    @property
+    def allocated_bytes(self) -> int:
+        return len(self._pages) * PAGE_SIZE

@@ -1,0 +1,425 @@
+"""Command line of nbd-reference-server, with qemu-nbd's option names and defaults.
+
+    nbd-reference-server [OPTIONS] FILENAME
+    nbd-reference-server [OPTIONS] --memory SIZE
+
+Also runnable from a checkout as ``python3 -m reference_server``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import stat
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .backends import FileBackend, MemoryBackend
+from .backends.base import Backend
+from .protocol.constants import DEFAULT_MAX_PAYLOAD, MAX_MINIMUM_BLOCK_SIZE, MAX_STRING_LENGTH
+from .protocol.export import BlockSizes, ExportInfo
+from .server import Export, NBDServer, ServerLimits
+from .trace import TraceLog
+
+PROG = "nbd-reference-server"
+NBD_PORT = 10809
+_SUFFIXES = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+
+
+class UsageError(Exception):
+    """A bad option or argument: reported in one line, exit status 2."""
+
+
+class StartupError(Exception):
+    """The server cannot start (missing file, busy socket...): exit status 1."""
+
+
+def parse_size(text: str) -> int:
+    """Parse a size like ``512``, ``64K``, ``1M``, ``2G`` or ``1T`` (binary units)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGTPE]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 512, 64K, 1M, 2G, 1T)")
+    return int(match.group(1)) << (10 * _SUFFIXES[match.group(2).upper()])
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _nonnegative(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port {text} is outside 1-65535")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Serve a raw file, block device or memory over NBD (fixed newstyle).",
+        epilog="Options keep qemu-nbd's names and defaults. "
+        "Sizes accept K, M, G, T suffixes (powers of 1024).",
+    )
+    p.add_argument("filename", nargs="?", help="raw file or block device to export")
+    p.add_argument(
+        "--memory",
+        metavar="SIZE",
+        type=parse_size,
+        help="export sparse memory of SIZE bytes instead of a file",
+    )
+    p.add_argument("-r", "--read-only", action="store_true", help="export read-only")
+    p.add_argument(
+        "-e",
+        "--shared",
+        metavar="NUM",
+        type=_nonnegative,
+        default=1,
+        help="allow NUM simultaneous clients (default 1; 0 = unlimited); "
+        "NBD_FLAG_CAN_MULTI_CONN is advertised when NUM is not 1",
+    )
+    p.add_argument(
+        "-t",
+        "--persistent",
+        action="store_true",
+        help="keep serving after the last client disconnects",
+    )
+    p.add_argument(
+        "-x",
+        "--export-name",
+        metavar="NAME",
+        default="",
+        help="export name (default: the empty default export)",
+    )
+    p.add_argument(
+        "-D",
+        "--description",
+        metavar="TEXT",
+        default="",
+        help="export description, shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION",
+    )
+    p.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
+    p.add_argument(
+        "-p", "--port", type=_port, default=None, help=f"listen on a TCP port (default {NBD_PORT})"
+    )
+    p.add_argument(
+        "-b",
+        "--bind",
+        metavar="ADDRESS",
+        default=None,
+        help="address to listen on (default 0.0.0.0)",
+    )
+    p.add_argument("-f", "--format", default="raw", help="image format: only raw is served")
+    p.add_argument(
+        "--fork",
+        action="store_true",
+        help="run in the background; the command returns once the server listens",
+    )
+    p.add_argument("--pid-file", metavar="FILE", help="write the server's PID to FILE")
+    p.add_argument(
+        "--tls-creds",
+        metavar="DIR",
+        help="require TLS with ca-cert.pem, server-cert.pem, server-key.pem from DIR",
+    )
+    p.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="with --tls-creds: require a client certificate signed by ca-cert.pem",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
+    p.add_argument(
+        "--trace",
+        metavar="FILE",
+        nargs="?",
+        const="-",
+        help="write one annotated line per protocol message to FILE (default stderr)",
+    )
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
+    limits = p.add_argument_group("limits (not in qemu-nbd)")
+    limits.add_argument(
+        "--handshake-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=10.0,
+        help="close clients that have not finished negotiating (default 10; 0 = never)",
+    )
+    limits.add_argument(
+        "--max-handshaking",
+        metavar="NUM",
+        type=_nonnegative,
+        default=64,
+        help="clients allowed in negotiation at once (default 64)",
+    )
+    limits.add_argument(
+        "--max-inflight",
+        metavar="NUM",
+        type=_nonnegative,
+        default=64,
+        help="requests in flight per connection before reading pauses (default 64)",
+    )
+    limits.add_argument(
+        "--minimum-block-size",
+        metavar="SIZE",
+        type=parse_size,
+        default=1,
+        help="advertise and enforce this alignment; clients must then ask for "
+        "NBD_INFO_BLOCK_SIZE (default 1)",
+    )
+    limits.add_argument(
+        "--max-payload",
+        metavar="SIZE",
+        type=parse_size,
+        default=DEFAULT_MAX_PAYLOAD,
+        help="maximum request payload (default 32M)",
+    )
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.format != "raw":
+        raise UsageError(f"format {args.format!r} is not supported: this server serves raw only")
+    if (args.filename is None) == (args.memory is None):
+        raise UsageError("give exactly one of FILENAME or --memory SIZE")
+    if args.socket and (args.port is not None or args.bind is not None):
+        raise UsageError("-k/--socket cannot be combined with -p/--port or -b/--bind")
+    if len(args.export_name.encode()) > MAX_STRING_LENGTH:
+        raise UsageError(f"export name is longer than {MAX_STRING_LENGTH} bytes")
+    if len(args.description.encode()) > MAX_STRING_LENGTH:
+        raise UsageError(f"description is longer than {MAX_STRING_LENGTH} bytes")
+    minimum = args.minimum_block_size
+    if minimum < 1 or minimum & (minimum - 1) or minimum > MAX_MINIMUM_BLOCK_SIZE:
+        raise UsageError("--minimum-block-size must be a power of 2 up to 64K")
+    if args.max_payload < max(4096, minimum) or args.max_payload > 0xFFFFFFFF:
+        raise UsageError("--max-payload must be at least 4K (and the minimum block size)")
+    if args.tls_verify_peer and not args.tls_creds:
+        raise UsageError("--tls-verify-peer needs --tls-creds")
+
+
+def open_backend(args: argparse.Namespace) -> Backend:
+    if args.memory is not None:
+        return MemoryBackend(args.memory)
+    try:
+        return FileBackend(args.filename, read_only=args.read_only)
+    except OSError as exc:
+        raise StartupError(f"cannot open {args.filename!r}: {exc.strerror or exc}") from None
+
+
+def tls_context(directory: str, verify_peer: bool) -> ssl.SSLContext:
+    """x509 credentials laid out as qemu's tls-creds-x509 expects them."""
+    d = Path(directory)
+    cert, key, ca = d / "server-cert.pem", d / "server-key.pem", d / "ca-cert.pem"
+    for f in (cert, key):
+        if not f.is_file():
+            raise StartupError(f"--tls-creds: {f} is missing")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # "TLS versions": TLS 1.2 or later.
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if verify_peer:
+            if not ca.is_file():
+                raise StartupError(f"--tls-verify-peer: {ca} is missing")
+            ctx.load_verify_locations(ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"--tls-creds: cannot load credentials from {d}: {exc}") from None
+    return ctx
+
+
+def listening_sockets(args: argparse.Namespace) -> list[socket.socket]:
+    """Systemd socket activation, a Unix socket, or TCP sockets, all listening."""
+    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
+        count = int(os.environ["LISTEN_FDS"])
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            os.environ.pop(name, None)
+        return [socket.socket(fileno=3 + i) for i in range(count)]
+    if args.socket:
+        return [_unix_listener(args.socket)]
+    return _tcp_listeners(args.bind or "0.0.0.0", args.port or NBD_PORT)
+
+
+def _unix_listener(path: str) -> socket.socket:
+    """Bind under a temporary name, listen, then rename: the path appears ready."""
+    if len(os.fsencode(path)) > 107:
+        raise StartupError(f"socket path is too long for a Unix socket: {path}")
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a stale socket from an earlier run
+        else:
+            raise StartupError(f"{path} exists and is not a socket")
+    temporary = f"{path}.{os.getpid()}.tmp"
+    if len(os.fsencode(temporary)) > 107:
+        temporary = path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(temporary)
+        sock.listen(128)
+        if temporary != path:
+            os.rename(temporary, path)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _tcp_listeners(host: str, port: int) -> list[socket.socket]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot resolve {host!r}: {exc}") from None
+    sockets: list[socket.socket] = []
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            for s in sockets:
+                s.close()
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        sockets.append(sock)
+    return sockets
+
+
+def _daemonize() -> int:
+    """Fork; the parent waits until the child listens, then exits. Returns the pipe fd."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            ready = pipe.read(1)
+        os._exit(0 if ready == b"1" else 1)
+    os.close(read_end)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    return write_end
+
+
+async def _serve(
+    args: argparse.Namespace,
+    backend: Backend,
+    sockets: list[socket.socket],
+    tls: ssl.SSLContext | None,
+    trace: TraceLog | None,
+    ready_fd: int | None,
+) -> None:
+    info = ExportInfo(
+        name=args.export_name,
+        size=backend.size,
+        description=args.description,
+        read_only=args.read_only,
+        # qemu-nbd (since 7.1): multi-conn whenever more than one client may connect.
+        multi_conn=args.shared != 1,
+        can_fast_zero=backend.can_fast_zero,
+        block_sizes=BlockSizes(
+            args.minimum_block_size, max(4096, args.minimum_block_size), args.max_payload
+        ),
+    )
+    limits = ServerLimits(
+        handshake_timeout=args.handshake_timeout,
+        max_handshaking=args.max_handshaking or 1 << 30,
+        max_inflight_requests=args.max_inflight or 1 << 30,
+    )
+    server = NBDServer(
+        [Export(info, backend)],
+        shared=args.shared,
+        persistent=args.persistent,
+        tls=tls,
+        limits=limits,
+        trace=trace,
+    )
+    await server.listen(sockets)
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        server.request_shutdown(f"received {sig.name}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    if args.pid_file:
+        Path(args.pid_file).write_text(f"{os.getpid()}\n")
+    if ready_fd is not None:
+        os.write(ready_fd, b"1")
+        os.close(ready_fd)
+        if not args.verbose:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    logging.getLogger("reference_server").info("serving %s", _describe(args, backend))
+    await server.done.wait()
+
+
+def _describe(args: argparse.Namespace, backend: Backend) -> str:
+    what = f"memory of {backend.size} bytes" if args.memory is not None else repr(args.filename)
+    where = args.socket or f"{args.bind or '0.0.0.0'}:{args.port or NBD_PORT}"
+    return f"{what} as export {args.export_name!r} on {where}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        _check(args)
+    except UsageError as exc:
+        print(f"{PROG}: {exc}\nTry '{PROG} --help' for more information.", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(message)s"
+    )
+    sockets: list[socket.socket] = []
+    trace_stream = None
+    try:
+        tls = tls_context(args.tls_creds, args.tls_verify_peer) if args.tls_creds else None
+        backend = open_backend(args)
+        sockets = listening_sockets(args)
+        if args.trace:
+            trace_stream = sys.stderr if args.trace == "-" else open(args.trace, "w")  # noqa: SIM115
+        ready_fd = _daemonize() if args.fork else None
+        trace = TraceLog(trace_stream) if trace_stream else None
+        asyncio.run(_serve(args, backend, sockets, tls, trace, ready_fd))
+    except StartupError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if args.socket and sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(args.socket)
+        if args.pid_file and sockets:
+            with contextlib.suppress(OSError):
+                os.unlink(args.pid_file)
+        if trace_stream is not None and trace_stream is not sys.stderr:
+            trace_stream.close()
+    return 0

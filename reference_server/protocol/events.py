@@ -1,0 +1,55 @@
+"""Events the sans-IO protocol core hands to its transport.
+
+The core never touches a socket: it consumes bytes, queues bytes to send, and
+returns one of these to say what the transport must do next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .export import Negotiated
+from .wire import Request
+
+
+@dataclass(frozen=True, slots=True)
+class NeedData:
+    """Nothing more can happen until more bytes arrive."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTLS:
+    """Send what is queued, then run the TLS handshake and call ``tls_established``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnterTransmission:
+    """Option haggling is over; the client uses ``negotiated`` from now on."""
+
+    negotiated: Negotiated
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Send what is queued, then close the connection.
+
+    ``clean`` is true for a soft disconnect (NBD_OPT_ABORT, NBD_CMD_DISC) and
+    false for a hard disconnect forced by a protocol violation.
+    """
+
+    reason: str
+    clean: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A validated transmission request, ready for a backend.
+
+    ``payload`` holds the data of NBD_CMD_WRITE; it is empty otherwise.
+    """
+
+    request: Request
+    payload: bytes | bytearray | memoryview = b""
+
+
+Event = NeedData | StartTLS | EnterTransmission | Close | Command
