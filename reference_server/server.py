@@ -312,7 +312,7 @@ class Connection(asyncio.Protocol):
     def _pump_transmission(self) -> None:
         tx, backend = self.transmission, self.backend
         assert tx is not None and backend is not None
-        while not self.closing and not self.close_after_inflight:
+        while not (self.closing or self.close_after_inflight or self.reading_paused):
             event = tx.next_event()
             if isinstance(event, events.NeedData):
                 break

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Mapping
 from typing import TextIO
 
-from .protocol import constants
+from .protocol import constants, wire
 
 _PREFIX = {
     constants.Option: "NBD_OPT_",
@@ -51,14 +51,42 @@ def describe(value: object) -> str:
     return str(value)
 
 
+def _decode_option_data(option: object, data: bytes) -> dict[str, object]:
+    """Name the fields of an option's payload, where the layout is known."""
+    try:
+        if option in (constants.Option.INFO, constants.Option.GO):
+            info = wire.unpack_info_request(data)
+            return {"name": _text(info.name), "requests": _names(info.requests)}
+        if option in (constants.Option.LIST_META_CONTEXT, constants.Option.SET_META_CONTEXT):
+            meta = wire.unpack_meta_context_request(data, max_queries=1 << 16)
+            return {"name": _text(meta.name), "queries": [_text(q) for q in meta.queries]}
+        if option == constants.Option.EXPORT_NAME:
+            return {"name": _text(data)}
+    except (wire.MalformedPayload, OverflowError) as exc:
+        return {"malformed": str(exc)}
+    return {"data": data[:64]} if data else {}
+
+
+def _text(raw: bytes, limit: int = 80) -> str:
+    text = raw[:limit].decode("utf-8", "replace")
+    return text + ("..." if len(raw) > limit else "")
+
+
+def _names(values: tuple[constants.Info, ...]) -> str:
+    return "[" + ",".join(describe(v) for v in values) + "]"
+
+
 def format_message(direction: str, kind: str, fields: Mapping[str, object]) -> str:
     """One trace line (without connection prefix)."""
     parts = [f"{direction}>", kind]
+    if kind == "option" and isinstance(fields.get("data"), bytes):
+        fields = dict(fields)
+        fields.update(_decode_option_data(fields["option"], fields.pop("data")))  # type: ignore[arg-type]
     for key, value in fields.items():
         if key in ("option", "reply", "command") and isinstance(value, enum.IntEnum):
             parts.append(describe(value))
-        elif key == "data" and not value:
-            continue
+        elif key == "requests":
+            parts.append(f"{key}={value}")
         else:
             parts.append(f"{key}={describe(value)}")
     return " ".join(parts)

@@ -213,7 +213,7 @@ class Handshake:
         payload = bytes(self._in[header.size : header.size + length])
         del self._in[: header.size + length]
         if self._trace:
-            self._trace("C", "option", {"option": option, "length": length, "data": payload[:64]})
+            self._trace("C", "option", {"option": option, "length": length, "data": payload})
         return self._handle_option(option, payload)
 
     def _handle_option(self, option: Option, payload: bytes) -> Event | None:
