@@ -42,7 +42,8 @@ class ServerLimits:
 
     # Seconds a client may take to finish option haggling (CVE-2024-7409); 0 = none.
     handshake_timeout: float = 10.0
-    # Clients allowed in option haggling at once; more are closed at once.
+    # Clients allowed in option haggling at once; a newcomer beyond it evicts the
+    # longest-waiting one, so a crowd of stalled clients cannot lock anyone out.
     max_handshaking: int = 64
     # Requests and request bytes in flight per connection before reading pauses.
     max_inflight_requests: int = 64
@@ -84,7 +85,8 @@ class NBDServer:
         )
         self.connections: set[Connection] = set()
         self.clients = 0  # connections counted against ``shared``
-        self.handshaking = 0
+        # Connections still haggling, oldest first.
+        self.handshaking: dict[Connection, None] = {}
         self.served_any = False
         self.stopping = False
         self._numbers = 0
@@ -190,12 +192,14 @@ class Connection(asyncio.Protocol):
         self.transport = transport
         server = self.server
         server.connections.add(self)
-        if server.handshaking >= server.limits.max_handshaking:
-            log.warning("connection %d: too many clients in negotiation; closing", self.number)
-            transport.abort()
-            return
+        if len(server.handshaking) >= server.limits.max_handshaking:
+            oldest = next(iter(server.handshaking))
+            log.warning("connection %d: evicted, too many clients negotiating", oldest.number)
+            oldest._note("closing: evicted by a newer client (too many negotiating)")
+            oldest._leave_handshake()
+            oldest.close()
         self._in_handshake = True
-        server.handshaking += 1
+        server.handshaking[self] = None
         self.handshake = Handshake(
             server.infos,
             tls_available=server.tls is not None,
@@ -293,7 +297,7 @@ class Connection(asyncio.Protocol):
     def _leave_handshake(self) -> None:
         if self._in_handshake:
             self._in_handshake = False
-            self.server.handshaking -= 1
+            self.server.handshaking.pop(self, None)
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
