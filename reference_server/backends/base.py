@@ -66,6 +66,15 @@ class Backend(abc.ABC):
     def extents(self, length: int, offset: int) -> list[Extent]:
         """Allocation status from ``offset``, covering at least one byte."""
 
+    def read_extents(self, length: int, offset: int) -> list[Extent]:
+        """Extents good enough to send zeroes of a read as OFFSET_HOLE chunks.
+
+        Called for every structured read, so it must be cheap; it may be
+        coarser than :meth:`extents` (reporting data where a hole is merely
+        allowed).  The default is :meth:`extents`.
+        """
+        return self.extents(length, offset)
+
     def cache(self, length: int, offset: int) -> None:  # noqa: B027 - optional hook
         """Prefetch a range; the default does nothing, which the spec allows."""
 

@@ -169,6 +169,23 @@ class FileBackend(Backend):
             pos = stop
         return result
 
+    def read_extents(self, length: int, offset: int) -> list[Extent]:
+        """One SEEK_DATA only: SEEK_HOLE can cost time linear in the data run (tmpfs)."""
+        end = min(offset + length, self.size)
+        if not self._regular or end <= offset:
+            return [Extent(max(end - offset, 0), _DATA)]
+        try:
+            data_start = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                return [Extent(end - offset, _DATA)]
+            data_start = end
+        if data_start >= end:
+            return [Extent(end - offset, _HOLE)]
+        if data_start > offset:
+            return [Extent(data_start - offset, _HOLE), Extent(end - data_start, _DATA)]
+        return [Extent(end - offset, _DATA)]
+
     def cache(self, length: int, offset: int) -> None:
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 

@@ -109,14 +109,69 @@ class Transmission:
         self._in = bytearray()
         self._out: list[Buffer] = []
         self._header = wire.EXTENDED_REQUEST if self._extended else wire.REQUEST
+        self._unpack = wire.unpack_extended_request if self._extended else wire.unpack_request
         self._expected_magic = EXTENDED_REQUEST_MAGIC if self._extended else REQUEST_MAGIC
         self._closed = False
+        # The write payload being received.  Its buffer is allocated at its
+        # exact size only when its first bytes are received (see
+        # payload_buffer), so a transport can hold back a large payload
+        # until it has memory for it.
+        self._payload_request: Request | None = None
+        self._payload_length = 0
+        self._payload: bytearray | None = None
+        self._filled = 0
+        # Bytes of a rejected request's payload still to be skipped.
+        self._discard = 0
 
     # ------------------------------------------------------------ public API
 
     def receive_data(self, data: Buffer) -> None:
-        if not self._closed:
-            self._in += data
+        """Queue bytes read from the client."""
+        if self._closed:
+            return
+        view = memoryview(data).cast("B")
+        if self._discard:
+            n = min(self._discard, len(view))
+            self._discard -= n
+            view = view[n:]
+        if view and self._payload_request is not None:
+            target = self._payload_target()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            self._filled += n
+            view = view[n:]
+        if view:
+            self._in += view
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the rest of the current write payload should be received, if anywhere.
+
+        Lets a transport read a payload straight into its final buffer (one
+        copy) instead of through :meth:`receive_data`.  The first call
+        allocates the buffer.
+        """
+        if self._payload_request is None or self._filled == self._payload_length:
+            return None
+        return self._payload_target()
+
+    def payload_received(self, nbytes: int) -> None:
+        """``nbytes`` were written into the view :meth:`payload_buffer` returned."""
+        self._filled += nbytes
+
+    @property
+    def pending_payload(self) -> int:
+        """Size of the write payload being received (0 when none)."""
+        return self._payload_length if self._payload_request is not None else 0
+
+    def _payload_target(self) -> memoryview:
+        if self._payload is None:
+            self._payload = bytearray(self._payload_length)
+            # Bytes that arrived with the header belong to the payload.
+            n = len(self._in)
+            self._payload[:n] = self._in
+            self._in.clear()
+            self._filled = n
+        return memoryview(self._payload)[self._filled :]
 
     def data_to_send(self) -> list[Buffer]:
         """Replies the parser produced itself (errors for rejected requests)."""
@@ -124,9 +179,11 @@ class Transmission:
         return out
 
     def next_event(self) -> CommandEvent | Close | NeedData:
-        while True:
-            if self._closed:
+        while not self._closed:
+            if self._discard:
                 return NeedData()
+            if self._payload_request is not None:
+                return self._payload_event()
             size = self._header.size
             if len(self._in) < size:
                 return NeedData()
@@ -134,30 +191,56 @@ class Transmission:
             if magic != self._expected_magic:
                 self._closed = True
                 return Close(f"bad request magic {magic:#x} (expected {self._expected_magic:#x})")
-            unpack = wire.unpack_extended_request if self._extended else wire.unpack_request
-            request = unpack(memoryview(self._in)[:size])
-            payload_length = self._payload_length(request)
+            request = self._unpack(self._in)
+            del self._in[:size]
+            self._traced_request(request)
+            payload_length = self._payload_size(request)
             limit = max(self._max_payload, DEFAULT_MAX_PAYLOAD)
             if payload_length > limit:
                 # "Size constraints": a payload this large may be deemed a
                 # denial of service; it is never read (CVE-2005-3534).
                 self._closed = True
-                self._traced_request(request)
                 return Close(f"request payload of {payload_length} bytes exceeds {limit}")
-            if len(self._in) < size + payload_length:
-                return NeedData()
-            payload = bytes(self._in[size : size + payload_length]) if payload_length else b""
-            del self._in[: size + payload_length]
-            self._traced_request(request)
             if request.command == Command.DISC:
                 # "The server MUST handle all outstanding requests ... and close".
                 self._closed = True
                 return Close("client sent NBD_CMD_DISC", clean=True)
             rejected = self.validate(request, payload_length)
             if rejected is not None:
+                # Answer now; a payload that came with it is read and dropped.
                 self._out += self.error_reply(request, rejected.error, rejected.message)
+                self._skip(payload_length)
                 continue
-            return CommandEvent(request, payload)
+            if not payload_length:
+                return CommandEvent(request, b"")
+            self._payload_request = request
+            self._payload_length = payload_length
+            self._filled = 0
+            return self._payload_event()
+        return NeedData()
+
+    def _payload_event(self) -> CommandEvent | NeedData:
+        """The pending write, once all of its payload is here."""
+        assert self._payload_request is not None
+        length = self._payload_length
+        if self._payload is None:
+            if len(self._in) < length:
+                return NeedData()
+            # All of it arrived with the header: no separate buffer needed.
+            payload: Buffer = bytes(self._in[:length])
+            del self._in[:length]
+        elif self._filled < length:
+            return NeedData()
+        else:
+            payload = self._payload
+        event = CommandEvent(self._payload_request, payload)
+        self._payload_request, self._payload = None, None
+        return event
+
+    def _skip(self, nbytes: int) -> None:
+        n = min(nbytes, len(self._in))
+        del self._in[:n]
+        self._discard = nbytes - n
 
     def validate(self, request: Request, payload_length: int) -> RequestRejected | None:
         """The error the spec names for a bad request, or None if it may run."""
@@ -298,7 +381,7 @@ class Transmission:
         runs: list[tuple[int, int, bool]] = []
         pos, end = offset, offset + length
         extents = [
-            (e.length, bool(e.flags & StateFlag.ZERO)) for e in backend.extents(length, offset)
+            (e.length, bool(e.flags & StateFlag.ZERO)) for e in backend.read_extents(length, offset)
         ]
         for extent_length, zero in [*extents, (end, False)]:  # a data tail if short
             if pos >= end:
@@ -379,7 +462,7 @@ class Transmission:
 
     # -------------------------------------------------------------- helpers
 
-    def _payload_length(self, request: Request) -> int:
+    def _payload_size(self, request: Request) -> int:
         if self._extended:
             return request.length if request.flags & CommandFlag.PAYLOAD_LEN else 0
         return request.length if request.command == Command.WRITE else 0

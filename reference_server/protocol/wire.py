@@ -180,13 +180,13 @@ class Request:
     extended: bool = False
 
 
-def unpack_request(header: bytes | memoryview) -> Request:
-    _, flags, command, cookie, offset, length = REQUEST.unpack(header)
+def unpack_request(header: bytes | bytearray | memoryview) -> Request:
+    _, flags, command, cookie, offset, length = REQUEST.unpack_from(header)
     return Request(CommandFlag(flags), Command(command), cookie, offset, length)
 
 
-def unpack_extended_request(header: bytes | memoryview) -> Request:
-    _, flags, command, cookie, offset, length = EXTENDED_REQUEST.unpack(header)
+def unpack_extended_request(header: bytes | bytearray | memoryview) -> Request:
+    _, flags, command, cookie, offset, length = EXTENDED_REQUEST.unpack_from(header)
     return Request(CommandFlag(flags), Command(command), cookie, offset, length, True)
 
 
