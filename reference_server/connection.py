@@ -21,6 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .backends.base import Backend
+from .budget import ByteBudget
 from .protocol import events
 from .protocol.constants import Command, CommandFlag, Reply
 from .protocol.export import Negotiated
@@ -71,6 +72,7 @@ class Connection(asyncio.BufferedProtocol):
         self._out: deque[memoryview | int] = deque()
         self._inflight = 0
         self._write_paused = False
+        self._pumping = False
         self._reading = True
         self.idle = asyncio.Event()
         self.idle.set()
@@ -123,6 +125,15 @@ class Connection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self.closing:
             return
+        try:
+            self._received(nbytes)
+        except Exception:
+            # A bug must cost one connection, not the server (nor a traceback
+            # from asyncio's fatal-error path).
+            log.exception("connection %d: internal error; closing it", self.number)
+            self.close()
+
+    def _received(self, nbytes: int) -> None:
         if self.transmission is not None:
             if self._into_payload:
                 self.transmission.payload_received(nbytes)
@@ -242,6 +253,18 @@ class Connection(asyncio.BufferedProtocol):
         if tx is None or self.closing:
             return
         budget, limit = self.server.budget, self.server.limits.max_inflight_requests
+        self._pumping = True
+        try:
+            self._pump_requests(tx, budget, limit)
+        finally:
+            self._pumping = False
+        self._send(tx.data_to_send())
+        self._update_reading()
+        self._update_idle()
+        if self.finishing and not self._inflight and not self._queue:
+            self.close()
+
+    def _pump_requests(self, tx: Transmission, budget: ByteBudget, limit: int) -> None:
         while not self.closing:
             if self._queue:
                 if self._write_paused or self._inflight >= limit:
@@ -264,6 +287,7 @@ class Connection(asyncio.BufferedProtocol):
             if isinstance(event, events.Close):
                 self.note(f"closing: {event.reason}")
                 if not event.clean:
+                    self._pumping = False
                     self._send(tx.data_to_send())
                     self.close()
                     return
@@ -277,11 +301,6 @@ class Connection(asyncio.BufferedProtocol):
                 else:
                     budget.wait(self._wake)
             break
-        self._send(tx.data_to_send())
-        self._update_reading()
-        self._update_idle()
-        if self.finishing and not self._inflight and not self._queue:
-            self.close()
 
     def _dispatch(self, event: events.Command) -> None:
         tx, backend = self.transmission, self.backend
@@ -331,36 +350,54 @@ class Connection(asyncio.BufferedProtocol):
         self._send(reply, cost)
 
     def _send(self, buffers: list[Buffer], cost: int = 0) -> None:
-        """Queue a reply; ``cost`` returns to the budget once it is all handed over."""
+        """Queue a reply; ``cost`` returns to the budget once it is all handed over.
+
+        Nothing is written until :meth:`_flush_out`, so the replies produced in
+        one pass of :meth:`_pump` leave in one system call.
+        """
         if self.closing:
             self.server.budget.give(cost)
             return
-        if buffers:
-            if sum(len(b) for b in buffers) < JOIN_BELOW:
-                self._out.append(memoryview(b"".join(buffers)))
-            else:
-                self._out.extend(memoryview(b).cast("B") for b in buffers)
+        self._out.extend(memoryview(b).cast("B") for b in buffers)
         if cost:
             self._out.append(cost)
-        self._flush_out()
+        if not self._pumping:
+            self._flush_out()
 
     def _flush_out(self) -> None:
-        transport, out = self.transport, self._out
+        """Hand queued replies to the transport: small ones joined, large ones in slices."""
+        transport, out, budget = self.transport, self._out, self.server.budget
+        batch: list[memoryview] = []
+        size = 0
         while out and not self._write_paused:
             item = out[0]
             if isinstance(item, int):
                 out.popleft()
-                self.server.budget.give(item)
+                budget.give(item)
                 continue
             if transport is None or transport.is_closing():
-                out.popleft()
+                out.clear()
+                break
+            if len(item) >= JOIN_BELOW:
+                if batch:
+                    transport.write(b"".join(batch))
+                    batch, size = [], 0
+                    continue  # the write may have paused us
+                if len(item) > WRITE_SLICE:
+                    out[0] = item[WRITE_SLICE:]
+                    item = item[:WRITE_SLICE]
+                else:
+                    out.popleft()
+                transport.write(item)  # may call pause_writing() before returning
                 continue
-            if len(item) > WRITE_SLICE:
-                out[0] = item[WRITE_SLICE:]
-                item = item[:WRITE_SLICE]
-            else:
-                out.popleft()
-            transport.write(item)  # may call pause_writing() before returning
+            out.popleft()
+            batch.append(item)
+            size += len(item)
+            if size >= JOIN_BELOW:
+                transport.write(b"".join(batch))
+                batch, size = [], 0
+        if batch and transport is not None and not transport.is_closing():
+            transport.write(b"".join(batch))
 
     def _update_reading(self) -> None:
         tx = self.transmission

@@ -74,6 +74,15 @@ _RANGE_ERROR = {
     Command.BLOCK_STATUS: Errno.EINVAL,
 }
 _WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# Command flag bits as plain ints: Request.flags is an int on the hot path.
+_FUA = CommandFlag.FUA.value
+_NO_HOLE = CommandFlag.NO_HOLE.value
+_DF = CommandFlag.DF.value
+_REQ_ONE = CommandFlag.REQ_ONE.value
+_FAST_ZERO = CommandFlag.FAST_ZERO.value
+_PAYLOAD_LEN = CommandFlag.PAYLOAD_LEN.value
+_DONE = ReplyFlag.DONE
+_NOT_DONE = ReplyFlag(0)
 
 
 def nbd_error(exc: OSError) -> Errno:
@@ -103,6 +112,10 @@ class Transmission:
         self._flags = negotiated.flags
         self._structured = negotiated.structured_replies
         self._extended = negotiated.extended_headers
+        # Per command: the flag bits it may carry here, as a plain int (hot path).
+        self._allowed = {
+            command: int(self._allowed_flags(valid)) for command, valid in FLAGS_VALID_FOR.items()
+        }
         self._max_payload = negotiated.export.block_sizes.maximum
         self._minimum = negotiated.export.block_sizes.minimum
         self._trace = trace
@@ -245,17 +258,16 @@ class Transmission:
     def validate(self, request: Request, payload_length: int) -> RequestRejected | None:
         """The error the spec names for a bad request, or None if it may run."""
         command, flags = request.command, request.flags
-        valid_flags = FLAGS_VALID_FOR.get(command)
-        if valid_flags is None:
+        allowed = self._allowed.get(command)
+        if allowed is None:
             return RequestRejected(Errno.EINVAL, f"unknown command {command.name}")
-        allowed = self._allowed_flags(command, valid_flags)
         if flags & ~allowed:
             return RequestRejected(
                 Errno.EINVAL,
                 f"flags {CommandFlag(flags & ~allowed)!r} are not valid for {command.name}",
             )
         if self._extended:
-            has_payload = bool(flags & CommandFlag.PAYLOAD_LEN)
+            has_payload = bool(flags & _PAYLOAD_LEN)
             if command == Command.WRITE and not has_payload:
                 return RequestRejected(Errno.EINVAL, "extended NBD_CMD_WRITE needs PAYLOAD_LEN")
         if self._export.read_only and command in _WRITING:
@@ -302,7 +314,7 @@ class Transmission:
     def execute(self, event: CommandEvent, backend: Backend) -> list[Buffer]:
         """Run one validated command; return the buffers of its whole reply."""
         request = event.request
-        fua = bool(request.flags & CommandFlag.FUA)
+        fua = bool(request.flags & _FUA)
         command = request.command
         try:
             if command == Command.READ:
@@ -321,8 +333,8 @@ class Transmission:
                     backend.zero(
                         request.length,
                         request.offset,
-                        may_trim=not request.flags & CommandFlag.NO_HOLE,
-                        fast=bool(request.flags & CommandFlag.FAST_ZERO),
+                        may_trim=not request.flags & _NO_HOLE,
+                        fast=bool(request.flags & _FAST_ZERO),
                         fua=fua,
                     )
             elif command == Command.CACHE and request.length:
@@ -374,7 +386,7 @@ class Transmission:
             return [wire.pack_simple_reply(0, request.cookie), data]
         if length == 0:
             return self._chunks(request, [])
-        if request.flags & CommandFlag.DF:
+        if request.flags & _DF:
             # DF: at most one content chunk, zeroes written out explicitly.
             return self._chunks(request, [(offset, backend.pread(length, offset))])
         # Runs of data and of zeroes: zeroes become OFFSET_HOLE chunks.
@@ -405,7 +417,7 @@ class Transmission:
             return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
         last = len(pieces) - 1
         for i, (offset, value) in enumerate(pieces):
-            flags = ReplyFlag.DONE if i == last else ReplyFlag(0)
+            flags = _DONE if i == last else _NOT_DONE
             if isinstance(value, int):
                 payload = wire.OFFSET_HOLE.pack(offset, value)
                 out += [wire.pack_chunk_header(request, flags, ChunkType.OFFSET_HOLE, 12), payload]
@@ -438,7 +450,7 @@ class Transmission:
             return self.error_reply(request, Errno.EIO, "no extents")
         # Compact descriptors have 32-bit lengths; extended ones 64-bit.
         cap = (1 << 64) - 1 if self._extended else 0xFFFFFFFF
-        if request.flags & CommandFlag.REQ_ONE:
+        if request.flags & _REQ_ONE:
             first = extents[0]
             pairs = [(min(first.length, request.length, cap), int(first.flags))]
         else:
@@ -447,7 +459,7 @@ class Transmission:
         ids = sorted(self.negotiated.meta_contexts)
         chunk_type = ChunkType.BLOCK_STATUS_EXT if self._extended else ChunkType.BLOCK_STATUS
         for i, context_id in enumerate(ids):
-            flags = ReplyFlag.DONE if i == len(ids) - 1 else ReplyFlag(0)
+            flags = _DONE if i == len(ids) - 1 else _NOT_DONE
             payload = wire.pack_block_status_payload(context_id, pairs, self._extended)
             out += [wire.pack_chunk_header(request, flags, chunk_type, len(payload)), payload]
             self._trace_reply(
@@ -464,11 +476,11 @@ class Transmission:
 
     def _payload_size(self, request: Request) -> int:
         if self._extended:
-            return request.length if request.flags & CommandFlag.PAYLOAD_LEN else 0
+            return request.length if request.flags & _PAYLOAD_LEN else 0
         return request.length if request.command == Command.WRITE else 0
 
-    def _allowed_flags(self, command: Command, valid: CommandFlag) -> CommandFlag:
-        """Flags valid for ``command`` given what was advertised and negotiated."""
+    def _allowed_flags(self, valid: CommandFlag) -> CommandFlag:
+        """Of a command's ``valid`` flags, those usable given what was negotiated."""
         allowed = valid
         if not self._flags & TransmissionFlag.SEND_FUA:
             allowed &= ~CommandFlag.FUA
@@ -487,7 +499,7 @@ class Transmission:
                 "request",
                 {
                     "command": request.command,
-                    "flags": request.flags,
+                    "flags": CommandFlag(request.flags),
                     "cookie": request.cookie,
                     "offset": request.offset,
                     "length": request.length,

@@ -19,7 +19,6 @@ from .constants import (
     STRUCTURED_REPLY_MAGIC,
     ChunkType,
     Command,
-    CommandFlag,
     Info,
     Option,
     Reply,
@@ -172,7 +171,7 @@ def unpack_meta_context_request(payload: bytes, max_queries: int) -> MetaContext
 class Request:
     """One transmission request ("Request message"), compact or extended."""
 
-    flags: CommandFlag
+    flags: int  # CommandFlag bits, kept as a plain int: IntFlag arithmetic is slow
     command: Command
     cookie: int
     offset: int
@@ -180,14 +179,22 @@ class Request:
     extended: bool = False
 
 
+# Enum construction costs a microsecond; requests look their command up here.
+_COMMANDS = {int(c): c for c in Command}
+
+
+def _command(number: int) -> Command:
+    return _COMMANDS.get(number) or Command(number)
+
+
 def unpack_request(header: bytes | bytearray | memoryview) -> Request:
     _, flags, command, cookie, offset, length = REQUEST.unpack_from(header)
-    return Request(CommandFlag(flags), Command(command), cookie, offset, length)
+    return Request(flags, _command(command), cookie, offset, length)
 
 
 def unpack_extended_request(header: bytes | bytearray | memoryview) -> Request:
     _, flags, command, cookie, offset, length = EXTENDED_REQUEST.unpack_from(header)
-    return Request(CommandFlag(flags), Command(command), cookie, offset, length, True)
+    return Request(flags, _command(command), cookie, offset, length, True)
 
 
 def pack_simple_reply(error: int, cookie: int) -> bytes:
