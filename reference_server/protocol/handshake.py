@@ -168,7 +168,8 @@ class Handshake:
         flags = ClientFlag(raw)
         if self._trace:
             self._trace("C", "client flags", {"flags": flags})
-        known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+        # As an int: ~ on an IntFlag inverts only the defined bits.
+        known = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
         if raw & ~known:
             # "the server MUST drop the TCP connection if the client sets an
             # unknown flag" (Values / Handshake phase / Client flags).
