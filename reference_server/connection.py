@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .backends.base import Backend
 from .budget import ByteBudget
 from .protocol import events
-from .protocol.constants import Command, CommandFlag, Reply
+from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
 from .protocol.transmission import Buffer, Transmission
@@ -62,7 +62,8 @@ class Connection(asyncio.BufferedProtocol):
         self.backend: Backend | None = None
         self.counted = False
         self.closing = False
-        self.finishing = False  # NBD_CMD_DISC or shutdown: serve what came, read no more
+        self.finishing = False  # NBD_CMD_DISC: serve what came, read no more
+        self.shutting_down = False  # the server is stopping: new requests get ESHUTDOWN
         self._receive = memoryview(bytearray(RECEIVE_BUFFER))
         self._into_payload = False
         self._queue: deque[tuple[events.Command, bool]] = deque()  # (command, budget taken)
@@ -78,7 +79,13 @@ class Connection(asyncio.BufferedProtocol):
         self.idle.set()
         self._in_handshake = False
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.waiting_for_slot = False
+        self._slot_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task[None] | None = None
+        # STARTTLS acknowledged: clear-text reading is paused until TLS runs.
+        self._tls_pending = False
+        # Bytes already came through TLS (possibly before start_tls returned).
+        self._tls_seen = False
 
     # ------------------------------------------------ asyncio.BufferedProtocol
 
@@ -100,18 +107,50 @@ class Connection(asyncio.BufferedProtocol):
             limits=server.limits.handshake,
             trace=self.tracer,
         )
-        refusal = server.admit()
-        if refusal is None:
-            self.counted = True
-        else:
-            log.info("connection %d refused: %s", self.number, refusal)
-            reply = Reply.ERR_SHUTDOWN if server.stopping else Reply.ERR_POLICY
-            self.handshake.refuse(reply, refusal)
         if server.limits.handshake_timeout:
             self._handshake_timer = asyncio.get_running_loop().call_later(
                 server.limits.handshake_timeout, self._handshake_timed_out
             )
+        refusal = server.admit()
+        if refusal is None:
+            self.counted = True
+        elif not server.stopping and server.limits.slot_wait:
+            # Full: wait a little for a slot before refusing, as a client that
+            # connects just after another left should not lose a race.
+            self.waiting_for_slot = True
+            server.waiting[self] = None
+            self._slot_timer = asyncio.get_running_loop().call_later(
+                server.limits.slot_wait, self._refuse, refusal
+            )
+            return
+        else:
+            self._refuse(refusal)
+            return
         self._flush_handshake()
+
+    def admitted(self) -> None:
+        """A slot freed up while this client waited: greet it now."""
+        self._stop_waiting()
+        self.counted = True
+        self._flush_handshake()
+        self._pump_handshake()
+
+    def _refuse(self, reason: str) -> None:
+        """Greet, then error every option ("Termination of the session during option haggling")."""
+        self._stop_waiting()
+        log.info("connection %d refused: %s", self.number, reason)
+        assert self.handshake is not None
+        reply = Reply.ERR_SHUTDOWN if self.server.stopping else Reply.ERR_POLICY
+        self.handshake.refuse(reply, reason)
+        self._flush_handshake()
+        self._pump_handshake()
+
+    def _stop_waiting(self) -> None:
+        self.waiting_for_slot = False
+        self.server.waiting.pop(self, None)
+        if self._slot_timer is not None:
+            self._slot_timer.cancel()
+            self._slot_timer = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.transmission is not None:
@@ -141,8 +180,17 @@ class Connection(asyncio.BufferedProtocol):
                 self.transmission.receive_data(self._receive[:nbytes])
             self._pump()
         elif self.handshake is not None:
+            if self._tls_pending:
+                # Decrypted data can arrive before start_tls() has returned the
+                # TLS transport: keep it for the fresh negotiation, answer later.
+                if not self._tls_seen:
+                    self._tls_seen = True
+                    self.handshake.tls_established()
+                self.handshake.receive_data(self._receive[:nbytes])
+                return
             self.handshake.receive_data(self._receive[:nbytes])
-            self._pump_handshake()
+            if not self.waiting_for_slot:
+                self._pump_handshake()
 
     def eof_received(self) -> bool | None:
         return None  # the client is gone: close our side too
@@ -159,7 +207,10 @@ class Connection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._leave_handshake()
+        self._stop_waiting()
         self.server.connections.discard(self)
+        if not self.server.connections:
+            self.server.all_closed.set()
         budget = self.server.budget
         budget.forget(self._wake)
         # Give back what this connection held; in-flight commands give their own.
@@ -186,6 +237,11 @@ class Connection(asyncio.BufferedProtocol):
             if isinstance(event, events.NeedData):
                 return
             if isinstance(event, events.StartTLS):
+                # Whatever the client sends next is TLS: stop reading in clear
+                # now, before start_tls() takes over the socket.
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self._tls_pending = True
                 self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
                 return
             if isinstance(event, events.Close):
@@ -220,7 +276,11 @@ class Connection(asyncio.BufferedProtocol):
         self.transport = new_transport
         self.note("TLS established")
         assert self.handshake is not None
-        self.handshake.tls_established()
+        if not self._tls_seen:
+            self._tls_seen = True
+            self.handshake.tls_established()
+        self._tls_pending = False
+        self._pump_handshake()
 
     def _handshake_timed_out(self) -> None:
         if self.transmission is None and not self.closing:
@@ -282,6 +342,12 @@ class Connection(asyncio.BufferedProtocol):
             if isinstance(event, events.Command):
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
+                if self.shutting_down:
+                    # "Terminating the transmission phase": requests received
+                    # during shutdown SHOULD fail with NBD_ESHUTDOWN.
+                    error = tx.error_reply(event.request, Errno.ESHUTDOWN, "server shutting down")
+                    self._send(error, _cost(event) if taken else 0)
+                    continue
                 self._queue.append((event, taken))
                 continue
             if isinstance(event, events.Close):
@@ -425,11 +491,11 @@ class Connection(asyncio.BufferedProtocol):
     # -------------------------------------------------------------- closing
 
     def begin_shutdown(self) -> None:
-        """Server shutdown: take no new requests, let received ones finish."""
+        """Server shutdown: finish received requests, fail new ones with ESHUTDOWN."""
         if self.transmission is None:
             self.close()
             return
-        self.finishing = True
+        self.shutting_down = True
         self._pump()
 
     def close(self) -> None:

@@ -40,6 +40,9 @@ class ServerLimits:
 
     # Seconds a client may take to finish option haggling (CVE-2024-7409); 0 = none.
     handshake_timeout: float = 10.0
+    # Seconds a client beyond the connection limit waits for a free slot
+    # (ungreeted) before it is refused with NBD_REP_ERR_POLICY.
+    slot_wait: float = 2.0
     # Clients allowed in option haggling at once; a newcomer beyond it evicts the
     # longest-waiting one, so a crowd of stalled clients cannot lock anyone out.
     max_handshaking: int = 64
@@ -86,12 +89,15 @@ class NBDServer:
         self.clients = 0  # connections counted against ``shared``
         # Connections still haggling, oldest first.
         self.handshaking: dict[Connection, None] = {}
+        # Connections beyond ``shared`` waiting briefly for a slot, oldest first.
+        self.waiting: dict[Connection, None] = {}
         self.served_any = False
         self.stopping = False
         self._numbers = 0
         self._servers: list[asyncio.Server] = []
         self.budget = ByteBudget(self.limits.max_inflight_bytes)
         self.done = asyncio.Event()
+        self.all_closed = asyncio.Event()  # set when the last connection is gone
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------- listening
@@ -124,6 +130,11 @@ class NBDServer:
 
     def release(self) -> None:
         self.clients -= 1
+        if self.waiting and not self.stopping:
+            waiter = next(iter(self.waiting))
+            self.clients += 1
+            waiter.admitted()
+            return
         if self.clients == 0 and not self.persistent and self.served_any:
             # qemu-nbd without --persistent: exit after the last client.
             self.request_shutdown("the last client left")
@@ -148,6 +159,11 @@ class NBDServer:
         if waiters:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waiters), timeout=30)
+        # Clients told NBD_ESHUTDOWN MUST disconnect; give them a moment to.
+        if self.connections:
+            self.all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_closed.wait(), timeout=1.0)
         loop = asyncio.get_running_loop()
         for export in self.exports.values():
             try:

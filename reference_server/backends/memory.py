@@ -66,10 +66,23 @@ class MemoryBackend(Backend):
         self._zero_range(length, offset)
 
     def zero(self, length: int, offset: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
-        # Zeroing a page means forgetting it: always as fast as a write.  A
-        # NO_HOLE request keeps no extra state because memory cannot run out
-        # "later" in a way that provisioning now would prevent.
-        self._zero_range(length, offset)
+        # Zeroing means forgetting pages: always faster than writing.  With
+        # NBD_CMD_FLAG_NO_HOLE the area "MUST be fully provisioned", so its
+        # pages are allocated (and then read back as data, not holes).
+        if may_trim:
+            self._zero_range(length, offset)
+            return
+        end = offset + length
+        with self._lock:
+            for index in range(offset // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1):
+                page_start = index * PAGE_SIZE
+                lo = max(offset, page_start) - page_start
+                hi = min(end, page_start + PAGE_SIZE) - page_start
+                page = self._pages.get(index)
+                if page is None:
+                    self._pages[index] = bytearray(PAGE_SIZE)
+                else:
+                    page[lo:hi] = bytes(hi - lo)
 
     def _zero_range(self, length: int, offset: int) -> None:
         end = offset + length
