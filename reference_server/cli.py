@@ -375,7 +375,13 @@ async def _serve(
             os.dup2(devnull, 2)
             os.close(devnull)
     logging.getLogger("reference_server").info("serving %s", _describe(args, backend))
-    await server.done.wait()
+    try:
+        await server.done.wait()
+    finally:
+        # A signal during loop teardown would otherwise hit a closed wakeup fd.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _describe(args: argparse.Namespace, backend: Backend) -> str:

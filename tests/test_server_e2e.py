@@ -1,0 +1,401 @@
+"""End-to-end tests of ``python -m reference_server`` as a process.
+
+Each test starts the server (and, for comparisons, qemu-nbd 7.2 with the same
+options on the same raw file) on a Unix socket in tmp_path, talks to it with
+libnbd, and stops every process it started by PID when it ends.  What is
+checked: NBD_FLAG_CAN_MULTI_CONN and the real connection limit for each of
+``-r``, ``-r -e 2``, ``-e 2``, ``-e 0``, ``-e 1`` and no option against
+qemu-nbd; one-shot exit after the last client; ``--persistent``; ``--fork``
+with ``--pid-file``; SIGTERM with a client connected; ``--trace``; and bad
+command lines.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbd  # libnbd's bindings, from Debian's python3-libnbd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PROG = "nbd-reference-server"
+DEADLINE = 10.0
+# How long a client beyond the connection limit is given to be served: qemu-nbd
+# leaves it waiting in the listen backlog rather than refusing it.
+NOT_SERVED_WITHIN = 1.5
+DISK_SIZE = 1 << 20
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@dataclass
+class Server:
+    kind: str
+    proc: subprocess.Popen[bytes]
+    sock: Path
+    log: Path
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate, wait with a timeout, then kill: never leave a process behind."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def ours_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reference_server", *args]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    started: list[Server] = []
+
+    def _launch(kind: str, *args: str, name: str = "") -> Server:
+        name = name or f"{kind}{len(started)}"
+        sock = tmp_path / f"{name}.sock"
+        log = tmp_path / f"{name}.log"
+        if kind == "ours":
+            cmd = ours_command("-k", str(sock), *args)
+        else:
+            if shutil.which("qemu-nbd") is None:
+                pytest.skip("qemu-nbd is not installed")
+            cmd = ["qemu-nbd", "-f", "raw", "-k", str(sock), *args]
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=ENV, stdin=subprocess.DEVNULL, stdout=err, stderr=err
+            )
+        server = Server(kind, proc, sock, log)
+        started.append(server)
+        wait_until(lambda: sock.exists() or proc.poll() is not None, f"{name} to listen")
+        assert proc.poll() is None, f"{name} exited early: {server.stderr()}"
+        return server
+
+    yield _launch
+    for server in started:
+        stop(server.proc)
+    for server in started:
+        if server.kind == "ours":
+            assert "Traceback" not in server.stderr(), server.stderr()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.raw"
+    with open(path, "wb") as f:
+        f.truncate(DISK_SIZE)
+    return path
+
+
+def connect(server: Server) -> nbd.NBD:
+    """A connected libnbd handle; retries while the listener is not accepting yet."""
+    end = time.monotonic() + DEADLINE
+    while True:
+        h = nbd.NBD()
+        h.add_meta_context("base:allocation")
+        try:
+            h.connect_unix(str(server.sock))
+            return h
+        except nbd.Error as exc:
+            del h  # libnbd 1.14 closes a handle when it is freed
+            # qemu-nbd binds its socket before it listens: retry until it does.
+            # (libnbd's Error.errno is the symbolic name, e.g. "ECONNREFUSED".)
+            if exc.errno not in ("ECONNREFUSED", "ENOENT"):
+                raise
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.02)  # polling a condition, bounded by the deadline above
+
+
+def advertised(h: nbd.NBD) -> dict[str, bool]:
+    """What libnbd reports about the export: the transmission flags, by name."""
+    names = ("multi_conn", "flush", "fua", "trim", "zero", "fast_zero", "df", "cache")
+    flags = {name: bool(getattr(h, f"can_{name}")()) for name in names}
+    flags["read_only"] = bool(h.is_read_only())
+    flags["base:allocation"] = bool(h.can_meta_context("base:allocation"))
+    return flags
+
+
+def extra_client(server: Server, first: float, last: float) -> tuple[str, str]:
+    """Connect without blocking; its state after ``first`` s and after at most ``last`` s.
+
+    A state is 'served', 'refused' (an error reached libnbd) or 'waiting'.
+    """
+    h = nbd.NBD()
+    start = time.monotonic()
+    early = ""
+    state = "waiting"
+    try:
+        h.aio_connect_unix(str(server.sock))
+        while time.monotonic() - start < last:
+            if h.aio_is_ready():
+                state = "served"
+            elif h.aio_is_dead() or h.aio_is_closed():
+                state = "refused"
+            if not early and (state != "waiting" or time.monotonic() - start >= first):
+                early = state
+            if state != "waiting":
+                break
+            h.poll(50)
+    except nbd.Error:
+        state = "refused"
+    return early or state, state
+
+
+# ------------------------------------------------ multi-conn vs qemu-nbd 7.2
+
+CONFIGS = [
+    pytest.param(["-r"], 1, id="r"),
+    pytest.param(["-r", "-e", "2"], 2, id="r-e2"),
+    pytest.param(["-e", "2"], 2, id="e2"),
+    pytest.param(["-e", "0"], 0, id="e0"),
+    pytest.param(["-e", "1"], 1, id="e1"),
+    pytest.param([], 1, id="default"),
+]
+
+
+def observe(server: Server, limit: int) -> tuple[dict[str, bool], list[str]]:
+    """The advertised flags, and how clients beyond the first are treated."""
+    first = connect(server)
+    clients = [first]
+    try:
+        flags = advertised(first)
+        states = []
+        extra = limit - 1 if limit else 3
+        for _ in range(extra):
+            clients.append(connect(server))
+            states.append("served")
+        if limit:
+            # qemu-nbd leaves it in the listen backlog; ours holds it ungreeted
+            # a moment for a slot, then refuses it with NBD_REP_ERR_POLICY.
+            last = DEADLINE if server.kind == "ours" else NOT_SERVED_WITHIN
+            early, final = extra_client(server, NOT_SERVED_WITHIN, last)
+            states.append(early)
+            if server.kind == "ours":
+                states.append(f"finally {final}")
+        # The connected clients are unaffected by a refused one.
+        for h in clients:
+            assert h.pread(512, 0) == bytes(512)
+        if limit > 1:
+            # A client leaving frees its slot for a newcomer.
+            clients.pop().shutdown()
+            clients.append(connect(server))
+            states.append("served after a client left")
+        return flags, states
+    finally:
+        for h in clients:
+            h.shutdown()
+        clients.clear()
+
+
+@pytest.mark.parametrize(("options", "limit"), CONFIGS)
+def test_multi_conn_and_connection_limit_match_qemu_nbd(
+    options: list[str], limit: int, launch: Callable[..., Server], disk: Path
+) -> None:
+    ours = launch("ours", *options, str(disk))
+    qemu = launch("qemu", *options, str(disk))
+    # Both are observed at once: each spends most of its time waiting.
+    with ThreadPoolExecutor(2) as pool:
+        our_future = pool.submit(observe, ours, limit)
+        qemu_flags, qemu_states = pool.submit(observe, qemu, limit).result(timeout=60)
+        our_flags, our_states = our_future.result(timeout=60)
+    # Without --persistent both exit on their own once the last client has left.
+    assert qemu.proc.wait(timeout=DEADLINE) == 0, qemu.stderr()
+    assert ours.proc.wait(timeout=DEADLINE) == 0, ours.stderr()
+    assert our_flags == qemu_flags, f"qemu-nbd advertises {qemu_flags}, we advertise {our_flags}"
+    # MULTI_CONN exactly when more than one client may connect (qemu >= 7.1).
+    assert our_flags["multi_conn"] == (limit != 1)
+    comparable = [s for s in our_states if not s.startswith("finally")]
+    served = [s == "served" for s in comparable]
+    assert served == [s == "served" for s in qemu_states], (our_states, qemu_states)
+    if limit:
+        # Beyond the limit neither serves the client; we also tell it so, cleanly.
+        assert qemu_states[limit - 1] != "served", qemu_states
+        assert our_states[limit - 1] != "served", our_states
+        assert our_states[limit] == "finally refused", our_states
+
+
+# ------------------------------------------------------------- lifecycle
+
+
+def test_one_shot_server_exits_after_its_last_client(launch: Callable[..., Server]) -> None:
+    server = launch("ours", "--memory", "1M")
+    h = connect(server)
+    h.pwrite(b"hello", 0)
+    assert server.proc.poll() is None, "exited while a client was connected"
+    h.shutdown()
+    del h
+    assert server.proc.wait(timeout=DEADLINE) == 0, server.stderr()
+    assert not server.sock.exists(), "socket left behind"
+
+
+def test_persistent_server_outlives_its_clients(launch: Callable[..., Server]) -> None:
+    server = launch("ours", "--persistent", "--memory", "1M")
+    for i in range(3):
+        h = connect(server)  # the third connection proves the second did not end it
+        h.pwrite(bytes([i + 1]) * 4, 0)
+        assert h.pread(4, 0) == bytes([i + 1]) * 4
+        h.shutdown()
+        del h
+    assert server.proc.poll() is None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=DEADLINE) == 0, server.stderr()
+
+
+def test_sigterm_with_a_connected_client_exits_cleanly_with_writes_on_disk(
+    launch: Callable[..., Server], disk: Path
+) -> None:
+    server = launch("ours", str(disk))
+    h = connect(server)
+    pattern = bytes(range(256)) * 64
+    h.pwrite(pattern, 4096)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=DEADLINE) == 0, server.stderr()
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+    del h
+    with open(disk, "rb") as f:
+        f.seek(4096)
+        assert f.read(len(pattern)) == pattern, "an acknowledged write was lost"
+    assert not server.sock.exists()
+
+
+def test_disc_after_pipelined_writes_completes_them_all(
+    launch: Callable[..., Server], disk: Path
+) -> None:
+    # NBD_CMD_DISC: "The server MUST handle all outstanding requests".
+    server = launch("ours", "--persistent", str(disk))
+    h = connect(server)
+    blocks = [bytes([i + 1]) * 65536 for i in range(16)]
+    for i, block in enumerate(blocks):
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(block)), i * 65536)
+    h.shutdown()  # sends NBD_CMD_DISC behind the writes without waiting for them
+    del h
+    h = connect(server)
+    for i, block in enumerate(blocks):
+        assert h.pread(65536, i * 65536) == block, f"write {i} lost at disconnect"
+    h.shutdown()
+
+
+def test_fork_with_pid_file(tmp_path: Path) -> None:
+    sock = tmp_path / "fork.sock"
+    pid_file = tmp_path / "server.pid"
+    cmd = ours_command(
+        "--fork", "--pid-file", str(pid_file), "-t", "-k", str(sock), "--memory", "1M"
+    )
+    done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, timeout=30, check=False)
+    pid = int(pid_file.read_text()) if pid_file.exists() else 0
+    try:
+        assert done.returncode == 0, done.stderr.decode()
+        # --fork returns only once the server listens.
+        assert sock.exists(), "socket missing when --fork returned"
+        assert pid > 1, "no PID in the pid file"
+        os.kill(pid, 0)  # the daemon runs
+        h = connect(Server("ours", None, sock, tmp_path / "none"))  # type: ignore[arg-type]
+        h.pwrite(b"forked", 0)
+        assert h.pread(6, 0) == b"forked"
+        h.shutdown()
+        del h
+    finally:
+        if pid > 1:
+            _stop_daemon(pid)
+    assert not pid_file.exists(), "pid file left behind"
+    assert not sock.exists(), "socket left behind"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _stop_daemon(pid: int) -> None:
+    """Stop a process that is not our child: signal it and poll until it is gone."""
+    if not _alive(pid):
+        return
+    os.kill(pid, signal.SIGTERM)
+    try:
+        wait_until(lambda: not _alive(pid), f"PID {pid} to exit after SIGTERM")
+    except AssertionError:
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not _alive(pid), f"PID {pid} to exit after SIGKILL")
+        raise
+
+
+def test_trace_file_shows_the_session(launch: Callable[..., Server], tmp_path: Path) -> None:
+    trace = tmp_path / "trace.log"
+    server = launch("ours", f"--trace={trace}", "--memory", "1M")
+    h = connect(server)
+    h.pread(512, 0)
+    h.shutdown()
+    del h
+    assert server.proc.wait(timeout=DEADLINE) == 0
+    text = trace.read_text()
+    for needle in (
+        "S> greeting",
+        "C> option NBD_OPT_GO",
+        "S> option reply NBD_OPT_GO NBD_REP_ACK",
+        "C> request NBD_CMD_READ",
+        "C> request NBD_CMD_DISC",
+    ):
+        assert needle in text, f"{needle!r} missing from the trace:\n{text}"
+
+
+# ------------------------------------------------------- bad command lines
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["--no-such-option", "--memory", "1M"], id="unknown-option"),
+        pytest.param(["-f", "qcow2", "{disk}"], id="format-qcow2"),
+        pytest.param(["{tmp}/missing.raw"], id="missing-file"),
+        pytest.param(["{disk}", "--memory", "1M"], id="file-and-memory"),
+    ],
+)
+def test_bad_command_line_exits_nonzero_with_a_short_message(
+    args: list[str], tmp_path: Path, disk: Path
+) -> None:
+    argv = [a.format(disk=disk, tmp=tmp_path) for a in args]
+    sock = tmp_path / "never.sock"
+    done = subprocess.run(
+        ours_command("-k", str(sock), *argv),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    err = done.stderr.decode()
+    assert done.returncode != 0
+    assert "Traceback" not in err, err
+    lines = err.splitlines()
+    assert lines and lines[0].startswith(f"{PROG}: "), err
+    assert len(lines) <= 2, f"expected a one-line message (plus a --help hint):\n{err}"
+    assert done.stdout == b""
+    assert not sock.exists()
