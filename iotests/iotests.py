@@ -229,6 +229,14 @@ def _become_subreaper() -> None:
 _become_subreaper()
 
 
+def _die_with_parent() -> None:
+    """In a server child: get SIGTERM if this scenario dies, so no server outlives it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 @dataclasses.dataclass
 class ServerOptions:
     """What a scenario asks of a server, in qemu-nbd's vocabulary."""
@@ -366,6 +374,7 @@ class Server:
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
             )
         # With --fork the process we started exits once the daemon is ready.
         self.pid = self.proc.pid

@@ -12,6 +12,7 @@ command lines.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -45,6 +46,13 @@ class Server:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def die_with_parent() -> None:
+    """In a server child: SIGTERM when the test process dies (even by SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -86,7 +94,13 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
             cmd = ["qemu-nbd", "-f", "raw", "-k", str(sock), *args]
         with open(log, "wb") as err:
             proc = subprocess.Popen(
-                cmd, cwd=REPO, env=ENV, stdin=subprocess.DEVNULL, stdout=err, stderr=err
+                cmd,
+                cwd=REPO,
+                env=ENV,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                preexec_fn=die_with_parent,
             )
         server = Server(kind, proc, sock, log)
         started.append(server)
