@@ -1,0 +1,135 @@
+"""libnbd handles for the checks: connecting with a deadline, aio helpers.
+
+libnbd's synchronous calls wait for ever on a server that never answers;
+a conformance suite must not.  Everything here polls with a deadline and
+turns a timeout into :class:`ServerTimeout` (an AssertionError: a server
+that hangs fails the check, it does not hang the run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import nbd
+
+if TYPE_CHECKING:
+    from conformance.servers.base import Server
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class ServerTimeout(AssertionError):
+    """The server did not answer within the deadline."""
+
+
+def _poll_until(h: nbd.NBD, done: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerTimeout(f"{what}: no answer from the server within {timeout:g}s")
+        h.poll(max(1, int(min(remaining, 1.0) * 1000)))
+
+
+def open_handle(
+    server: Server,
+    *,
+    export_name: str | None = None,
+    meta_contexts: Iterable[str] = (),
+    strict: int | None = None,
+    structured_replies: bool = True,
+    request_block_size: bool = True,
+    full_info: bool = True,
+    tls: bool | None = None,
+    opt_mode: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> nbd.NBD:
+    """One libnbd handle connected to SERVER (see :meth:`Server.connect`)."""
+    h = nbd.NBD()
+    h.set_handle_name(f"conformance-{server.profile}")
+    h.set_export_name(server.export_name if export_name is None else export_name)
+    for name in meta_contexts:
+        h.add_meta_context(name)
+    h.set_request_structured_replies(structured_replies)
+    h.set_request_block_size(request_block_size)
+    h.set_full_info(full_info)
+    if strict is not None:
+        h.set_strict_mode(strict)
+    if opt_mode:
+        h.set_opt_mode(True)
+    use_tls = server.tls if tls is None else tls
+    if use_tls:
+        h.set_tls(nbd.TLS_REQUIRE)
+        if server.tls_dir:
+            h.set_tls_certificates(server.tls_dir)
+    else:
+        h.set_tls(nbd.TLS_DISABLE)
+    if server.socket_path is not None:
+        h.aio_connect_unix(server.socket_path)
+    elif server.address is not None:
+        h.aio_connect_tcp(server.address[0], str(server.address[1]))
+    else:
+        raise ValueError(f"{server!r} has neither a socket path nor an address")
+    if opt_mode:
+        _poll_until(h, lambda: h.aio_is_negotiating() or h.aio_is_ready(), timeout, "handshake")
+    else:
+        _poll_until(h, h.aio_is_ready, timeout, "handshake")
+    return h
+
+
+def close_handle(h: nbd.NBD) -> None:
+    """Disconnect softly when possible; a dead handle is simply dropped."""
+    try:
+        if h.aio_is_ready():
+            h.shutdown()
+        elif h.aio_is_negotiating():
+            h.opt_abort()
+    except nbd.Error:
+        pass
+
+
+def wait_for(
+    h: nbd.NBD, cookie: int, timeout: float = DEFAULT_TIMEOUT, what: str = "command"
+) -> None:
+    """Wait for one aio command; raise its nbd.Error if the server rejected it."""
+    _poll_until(h, lambda: h.aio_command_completed(cookie), timeout, what)
+
+
+def wait_all(
+    h: nbd.NBD, cookies: Iterable[int], timeout: float = DEFAULT_TIMEOUT, what: str = "commands"
+) -> list[nbd.Error | None]:
+    """Wait for every aio command; return the error (or None) of each, in order."""
+    pending = list(cookies)
+    results: dict[int, nbd.Error | None] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < len(pending):
+        for cookie in pending:
+            if cookie in results:
+                continue
+            try:
+                if h.aio_command_completed(cookie):
+                    results[cookie] = None
+            except nbd.Error as err:
+                results[cookie] = err
+        if len(results) == len(pending):
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerTimeout(
+                f"{what}: {len(pending) - len(results)} of {len(pending)} "
+                f"requests unanswered after {timeout:g}s"
+            )
+        h.poll(max(1, int(min(remaining, 1.0) * 1000)))
+    return [results[c] for c in pending]
+
+
+def try_connect(server: Server, timeout: float = 3.0, **opts: Any) -> nbd.NBD | str:
+    """A connected handle, or the reason a connection could not be made in time."""
+    try:
+        return server.connect(timeout=timeout, **opts)
+    except ServerTimeout as err:
+        return str(err)
+    except nbd.Error as err:
+        return f"connection refused: {err}"

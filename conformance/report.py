@@ -1,0 +1,180 @@
+"""Verdicts: from pytest reports to per-check results, the section table and JSON.
+
+Kept free of pytest's machinery (it takes plain values) so that the
+aggregation can be unit-tested and works the same on an xdist controller,
+which only ever sees the workers' serialised reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from conformance.spec import UNSUPPORTED_PREFIX
+
+#: Skip-reason prefix of a writing check left unrun against a server the suite did not start.
+NOT_RUN_PREFIX = "NOT RUN: "
+
+#: Verdicts, worst first (a check's verdict is the worst of its phases).
+OUTCOMES = (
+    "error",
+    "failed",
+    "xpassed",
+    "warning",
+    "xfailed",
+    "unsupported",
+    "not-run",
+    "skipped",
+    "passed",
+)
+_RANK = {name: i for i, name in enumerate(OUTCOMES)}
+
+#: The columns of the section table: header, outcomes counted in it.
+COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("passed", ("passed",)),
+    ("failed", ("failed", "error", "xpassed")),
+    ("warnings", ("warning",)),
+    ("known", ("xfailed",)),
+    ("unsupported", ("unsupported",)),
+    ("skipped", ("skipped", "not-run")),
+)
+
+NO_SECTION = "(no section)"
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """The verdict of one check (one pytest item)."""
+
+    id: str
+    nodeid: str
+    section: str = NO_SECTION
+    level: str = "MUST"
+    quote: str | None = None
+    outcome: str = "passed"
+    message: str = ""
+    duration: float = 0.0
+
+    def merge(self, outcome: str, message: str) -> None:
+        """Fold in one phase (setup, call, teardown): the worst verdict wins."""
+        if _RANK[outcome] < _RANK[self.outcome] or (outcome == self.outcome and not self.message):
+            self.outcome = outcome
+            self.message = message
+
+
+def classify(
+    when: str, outcome: str, *, wasxfail: str | None, skip_reason: str, verdict: str | None
+) -> str:
+    """The verdict of one phase report.
+
+    OUTCOME is pytest's ("passed", "failed", "skipped"); VERDICT is what the
+    plugin recorded in the report's user properties ("warning").
+    """
+    if wasxfail is not None:
+        return "xfailed" if outcome == "skipped" else "xpassed"
+    if outcome == "failed":
+        return "failed" if when == "call" else "error"
+    if outcome == "skipped":
+        if skip_reason.startswith(UNSUPPORTED_PREFIX):
+            return "unsupported"
+        if skip_reason.startswith(NOT_RUN_PREFIX):
+            return "not-run"
+        return "skipped"
+    return verdict or "passed"
+
+
+class Collector:
+    """Accumulates phase reports into one :class:`CheckResult` per check."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, CheckResult] = {}
+
+    def add(
+        self,
+        *,
+        nodeid: str,
+        when: str,
+        outcome: str,
+        properties: dict[str, Any],
+        message: str,
+        wasxfail: str | None = None,
+        duration: float = 0.0,
+    ) -> None:
+        result = self.results.get(nodeid)
+        if result is None:
+            result = CheckResult(
+                id=properties.get("nbd_check", nodeid.rsplit("::", 1)[-1]),
+                nodeid=nodeid,
+                section=properties.get("nbd_section", NO_SECTION),
+                level=properties.get("nbd_level", "MUST"),
+                quote=properties.get("nbd_quote"),
+            )
+            self.results[nodeid] = result
+        result.duration += duration
+        verdict = properties.get("nbd_verdict")
+        phase = classify(
+            when,
+            outcome,
+            wasxfail=wasxfail,
+            skip_reason=message,
+            verdict=verdict if when == "call" else None,
+        )
+        if phase == "passed" and when != "call":
+            return
+        if verdict == "warning" and when == "call":
+            message = properties.get("nbd_message", message)
+        if phase == "xfailed":
+            message = wasxfail or message
+        result.merge(phase, message)
+
+
+def section_table(results: Iterable[CheckResult]) -> list[dict[str, Any]]:
+    """One row per section (in order of first appearance) plus a TOTAL row."""
+    rows: dict[str, dict[str, Any]] = {}
+    total: dict[str, Any] = {"section": "TOTAL", "checks": 0}
+    for header, _ in COLUMNS:
+        total[header] = 0
+    for result in results:
+        row = rows.get(result.section)
+        if row is None:
+            row = {"section": result.section, "checks": 0}
+            for header, _ in COLUMNS:
+                row[header] = 0
+            rows[result.section] = row
+        for target in (row, total):
+            target["checks"] += 1
+            for header, outcomes in COLUMNS:
+                if result.outcome in outcomes:
+                    target[header] += 1
+    return [*sorted(rows.values(), key=lambda r: r["section"]), total]
+
+
+def render_table(rows: list[dict[str, Any]], width: int = 120) -> list[str]:
+    """The table as text lines, h2spec-like; long section paths keep their tail."""
+    headers = ["checks"] + [header for header, _ in COLUMNS]
+    numbers = " ".join(f"{{:>{len(h)}}}" for h in headers)
+    room = max(24, width - len(numbers.format(*headers)) - 1)
+    section_width = min(room, max(len("section"), *(len(r["section"]) for r in rows)))
+    head = f"{'section':<{section_width}} " + numbers.format(*headers)
+    lines = [head, "-" * len(head)]
+    for row in rows:
+        section = row["section"]
+        if len(section) > section_width:
+            section = "..." + section[-(section_width - 3) :]
+        if row["section"] == "TOTAL":
+            lines.append("-" * len(head))
+        lines.append(f"{section:<{section_width}} " + numbers.format(*(row[h] for h in headers)))
+    return lines
+
+
+def to_json(results: Iterable[CheckResult], **meta: Any) -> str:
+    checks = sorted(results, key=lambda r: r.nodeid)
+    document = {
+        **meta,
+        "summary": section_table(checks)[-1],
+        "sections": section_table(checks)[:-1],
+        "checks": [dataclasses.asdict(r) for r in checks],
+    }
+    return json.dumps(document, indent=2, sort_keys=False) + "\n"

@@ -1,0 +1,328 @@
+"""What every server-under-test profile shares: configurations, servers, processes.
+
+A *profile* knows how to start one kind of server (qemu-nbd, nbdkit, ...)
+in a :class:`ServerConfig`; a :class:`Server` is one running instance the
+checks talk to, through libnbd handles (:meth:`Server.connect`) or raw
+sockets (:meth:`Server.open_socket`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+MiB = 1024 * 1024
+DEFAULT_SIZE = 64 * MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """A configuration a check needs the server in.
+
+    ``shared`` is the connection limit: None means "the profile's default
+    allowing several connections", an int is that exact limit, 0 unlimited.
+    """
+
+    size: int = DEFAULT_SIZE
+    read_only: bool = False
+    shared: int | None = None
+    export_name: str = ""
+    description: str | None = None
+    tls: bool = False
+
+    def describe(self) -> str:
+        """Only the fields that differ from the default, for skip reasons."""
+        default = ServerConfig()
+        parts = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        ]
+        return ", ".join(parts) or "the default configuration"
+
+
+@dataclasses.dataclass(frozen=True)
+class Deviation:
+    """A known, recorded departure of a third-party server from the spec.
+
+    The check named ``check`` (function name, or the full parametrised
+    name) is expected to fail against that profile: it is reported as an
+    expected failure (xfail, strict) with the reason and the spec section.
+    """
+
+    check: str
+    section: str
+    reason: str
+
+
+class ProfileCannotDo(Exception):
+    """The profile cannot put its server in the requested configuration."""
+
+
+def unix_socket_listening(path: str) -> bool:
+    """True once a Unix socket at PATH is listening.
+
+    Looking beats probing: a probe connection counts against connection
+    limits and makes servers without ``--persistent`` exit.  Linux lists
+    bound sockets in /proc/net/unix by the path they were bound to; a server
+    that binds under a temporary name and renames it into place once
+    listening (as the reference server does) is ready when the path exists.
+    """
+    bound_here = False
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                # Num RefCount Protocol Flags Type St Inode [Path]
+                if len(fields) >= 8 and fields[7] == path:
+                    bound_here = True
+                    if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
+                        return True
+    except OSError:
+        pass
+    return not bound_here and os.path.exists(path)
+
+
+class Server:
+    """A server the checks talk to (started by the suite or not)."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        export_name: str,
+        config: ServerConfig,
+        socket_path: str | None = None,
+        address: tuple[str, int] | None = None,
+        started_by_suite: bool = True,
+        writes_allowed: bool = True,
+        tls_dir: str | None = None,
+        profile: str = "",
+    ) -> None:
+        self.uri = uri
+        self.export_name = export_name
+        self.config = config
+        self.socket_path = socket_path
+        self.address = address
+        self.started_by_suite = started_by_suite
+        self.writes_allowed = writes_allowed
+        self.tls_dir = tls_dir
+        self.profile = profile
+        self._handles: list[Any] = []
+        self._sockets: list[socket.socket] = []
+
+    def __repr__(self) -> str:
+        return f"<Server {self.profile} {self.uri}>"
+
+    @property
+    def tls(self) -> bool:
+        return self.uri.startswith("nbds")
+
+    def open_socket(self, timeout: float = 10.0) -> socket.socket:
+        """A raw connected socket (for the raw-wire client), closed at teardown."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.socket_path is not None:
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    sock.settimeout(timeout)
+                    try:
+                        sock.connect(self.socket_path)
+                    except OSError:
+                        sock.close()
+                        raise
+                else:
+                    assert self.address is not None
+                    sock = socket.create_connection(self.address, timeout=timeout)
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+        self._sockets.append(sock)
+        return sock
+
+    def connect(self, n: int = 1, **opts: Any) -> Any:
+        """N connected libnbd handles (one handle when N == 1), closed at teardown.
+
+        Options: ``export_name`` (default the server's), ``meta_contexts``
+        (names to request, e.g. ``["base:allocation"]``), ``strict`` (libnbd
+        strict-mode bits), ``structured_replies`` (default True),
+        ``request_block_size`` (default True), ``full_info`` (default True:
+        ask for NAME and DESCRIPTION), ``tls`` (default: as the server),
+        ``opt_mode`` (stop in option negotiation), ``timeout`` (seconds).
+        """
+        from conformance.client import open_handle
+
+        handles = []
+        for _ in range(n):
+            h = open_handle(self, **opts)
+            self._handles.append(h)
+            handles.append(h)
+        return handles[0] if n == 1 else handles
+
+    def close_clients(self) -> None:
+        """Disconnect every handle and socket opened through this server."""
+        from conformance.client import close_handle
+
+        while self._handles:
+            close_handle(self._handles.pop())
+        while self._sockets:
+            with contextlib.suppress(OSError):
+                self._sockets.pop().close()
+
+    def stop(self) -> None:
+        self.close_clients()
+
+
+def unix_uri(export_name: str, socket_path: str, tls: bool = False) -> str:
+    scheme = "nbds+unix" if tls else "nbd+unix"
+    return f"{scheme}:///{quote(export_name, safe='')}?socket={quote(socket_path, safe='/')}"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies.
+
+    A pytest worker killed mid-check runs no teardown; without this its servers
+    would outlive it.  Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class LocalServer(Server):
+    """A server process the suite started; stopped by its PID."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        workdir: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.argv = list(argv)
+        self.workdir = workdir
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def log_tail(self, limit: int = 2000) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-limit:]
+
+    def is_running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the Unix socket listens; fail with the server's output if it died."""
+        assert self.socket_path is not None
+        deadline = time.monotonic() + timeout
+        delay = 0.002
+        while not unix_socket_listening(self.socket_path):
+            if not self.is_running():
+                raise RuntimeError(
+                    f"{self.argv[0]} exited before listening: {' '.join(self.argv)}\n"
+                    f"{self.log_tail()}"
+                )
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"{self.argv[0]} not listening on {self.socket_path} "
+                    f"after {timeout}s\n{self.log_tail()}"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def stop(self) -> None:
+        super().stop()
+        proc = self.process
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        self._log.close()
+
+
+class Profile:
+    """One kind of server under test; subclasses say how to start it."""
+
+    name = ""
+    #: Known deviations of this server from the spec (expected failures).
+    deviations: tuple[Deviation, ...] = ()
+    #: Whether the suite starts the server itself (False for --uri).
+    starts_servers = True
+
+    def check_config(self, config: ServerConfig) -> None:
+        """Raise ProfileCannotDo if the server cannot be put in CONFIG."""
+
+    def export_name(self, config: ServerConfig) -> str:
+        return config.export_name
+
+    def command(
+        self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str] | None:
+        return None
+
+    def cwd(self) -> str | None:
+        return None
+
+    def start(self, config: ServerConfig, workdir: Path, tls_dir: str | None) -> Server:
+        """Start a fresh server in CONFIG on a fresh Unix socket in WORKDIR."""
+        self.check_config(config)
+        socket_path = str(workdir / "nbd.sock")
+        export = self.export_name(config)
+        argv = self.command(config, workdir, socket_path, tls_dir)
+        server = LocalServer(
+            argv,
+            workdir=workdir,
+            log_path=workdir / "server.log",
+            env=self.env(),
+            cwd=self.cwd(),
+            uri=unix_uri(export, socket_path, config.tls),
+            export_name=export,
+            config=config,
+            socket_path=socket_path,
+            tls_dir=tls_dir if config.tls else None,
+            profile=self.name,
+        )
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
+        return server

@@ -1,0 +1,215 @@
+"""The nbd-server profile: a generated config file and a raw file in a temporary directory.
+
+nbd-server has no foreground mode that serves more than one client (``-d``
+serves a single connection and exits), so it is started as the daemon it
+wants to be: the launcher process exits at once, and the daemon is
+followed, and stopped, through the PID file it writes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from conformance.servers.base import (
+    Deviation,
+    LocalServer,
+    Profile,
+    ProfileCannotDo,
+    Server,
+    ServerConfig,
+    unix_uri,
+)
+
+#: nbd-server names exports after config sections; the default export needs a name.
+DEFAULT_EXPORT = "conformance"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class DaemonServer(LocalServer):
+    """A server that daemonises; its PID comes from its PID file."""
+
+    def __init__(self, argv: list[str], *, pid_file: Path, **kwargs: Any) -> None:
+        self.pid_file = pid_file
+        self.daemon_pid: int | None = None
+        super().__init__(argv, **kwargs)
+
+    def is_running(self) -> bool:
+        return self.daemon_pid is not None and _alive(self.daemon_pid)
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{self.argv[0]} did not daemonise\n{self.log_tail()}") from None
+        if status != 0:
+            raise RuntimeError(f"{self.argv[0]} exited with status {status}\n{self.log_tail()}")
+        while self.daemon_pid is None:
+            try:
+                text = self.pid_file.read_text()
+                if not text.endswith("\n"):  # still being written
+                    raise ValueError(text)
+                self.daemon_pid = int(text)
+            except (OSError, ValueError):
+                if time.monotonic() >= deadline:
+                    raise RuntimeError(
+                        f"{self.argv[0]} wrote no PID file\n{self.log_tail()}"
+                    ) from None
+                time.sleep(0.005)
+        super().wait_ready(max(0.1, deadline - time.monotonic()))
+
+    def stop(self) -> None:
+        Server.stop(self)
+        pid = self.daemon_pid
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        self._log.close()
+
+
+class NbdServer(Profile):
+    """nbd-server 3.24 from a config file: ``nbd-server -C CONF -p PIDFILE``."""
+
+    name = "nbd-server"
+    deviations = (
+        Deviation(
+            "test_single_connection_does_not_advertise_multi_conn",
+            "Values / Handshake phase / Flag fields / Transmission flags",
+            "nbd-server 3.24 advertises NBD_FLAG_CAN_MULTI_CONN whatever maxconnections says; "
+            "with maxconnections = 1 the second client is refused (NBD_REP_ERR_POLICY on GO)",
+        ),
+        Deviation(
+            "test_readonly_single_connection_does_not_advertise_multi_conn",
+            "Values / Handshake phase / Flag fields / Transmission flags",
+            "nbd-server 3.24 advertises NBD_FLAG_CAN_MULTI_CONN whatever maxconnections says; "
+            "with maxconnections = 1 the second client is refused (NBD_REP_ERR_POLICY on GO)",
+        ),
+        Deviation(
+            "test_flag_not_documented_for_the_command_gets_einval[read+NO_HOLE]",
+            "Values / Transmission phase / Error values",
+            "nbd-server 3.24 ignores NBD_CMD_FLAG_NO_HOLE on NBD_CMD_READ instead of answering "
+            "NBD_EINVAL",
+        ),
+        Deviation(
+            "test_flag_not_documented_for_the_command_gets_einval[write+NO_HOLE]",
+            "Values / Transmission phase / Error values",
+            "nbd-server 3.24 ignores NBD_CMD_FLAG_NO_HOLE on NBD_CMD_WRITE instead of answering "
+            "NBD_EINVAL",
+        ),
+        # Found by the raw-wire checks (test_handshake.py, test_options.py).
+        Deviation(
+            "test_unknown_client_flag_drops_connection",
+            "Values / Handshake phase / Flag fields / Client flags",
+            "nbd-server 3.24 carries on with unknown client flags set and answers options",
+        ),
+        Deviation(
+            "test_abort_gets_ack",
+            "Values / Handshake phase / Option types",
+            "nbd-server 3.24 closes the connection on NBD_OPT_ABORT without NBD_REP_ACK",
+        ),
+        Deviation(
+            "test_go_repeats_what_info_said",
+            "Values / Handshake phase / Option types",
+            "nbd-server 3.24 reports export size 0 to NBD_OPT_INFO (it opens the file only on "
+            "NBD_OPT_GO), then the real size to NBD_OPT_GO",
+        ),
+        *(
+            Deviation(
+                f"test_malformed_info_request_is_rejected[{case}-{option}]",
+                "Values / Handshake phase / Option types",
+                "nbd-server 3.24 does not reject an NBD_OPT_INFO/GO whose information-request "
+                "count contradicts the option length: it waits for bytes that never come",
+            )
+            for case in ("info-count-past-end", "shorter-than-6")
+            for option in ("INFO", "GO")
+        ),
+    )
+
+    def check_config(self, config: ServerConfig) -> None:
+        if config.description is not None:
+            raise ProfileCannotDo("nbd-server has no export descriptions")
+
+    def export_name(self, config: ServerConfig) -> str:
+        return config.export_name or DEFAULT_EXPORT
+
+    def config_text(
+        self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
+    ) -> str:
+        image = workdir / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(config.size)
+        generic = [f"unixsock = {socket_path}", "allowlist = true"]
+        if config.tls:
+            assert tls_dir is not None
+            generic += [
+                f"certfile = {tls_dir}/server-cert.pem",
+                f"keyfile = {tls_dir}/server-key.pem",
+                f"cacertfile = {tls_dir}/ca-cert.pem",
+                "force_tls = true",
+            ]
+        export = [
+            f"exportname = {image}",
+            f"filesize = {config.size}",
+            "trim = true",
+            "flush = true",
+            "fua = true",
+            f"readonly = {str(config.read_only).lower()}",
+        ]
+        if config.shared:
+            export.append(f"maxconnections = {config.shared}")
+        return (
+            "[generic]\n"
+            + "".join(f"\t{line}\n" for line in generic)
+            + f"[{self.export_name(config)}]\n"
+            + "".join(f"\t{line}\n" for line in export)
+        )
+
+    def command(
+        self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
+    ) -> list[str]:
+        conf = workdir / "nbd-server.conf"
+        conf.write_text(self.config_text(config, workdir, socket_path, tls_dir))
+        return ["nbd-server", "-C", str(conf), "-p", str(workdir / "nbd-server.pid")]
+
+    def start(self, config: ServerConfig, workdir: Path, tls_dir: str | None) -> Server:
+        self.check_config(config)
+        socket_path = str(workdir / "nbd.sock")
+        export = self.export_name(config)
+        server = DaemonServer(
+            self.command(config, workdir, socket_path, tls_dir),
+            pid_file=workdir / "nbd-server.pid",
+            workdir=workdir,
+            log_path=workdir / "server.log",
+            uri=unix_uri(export, socket_path, config.tls),
+            export_name=export,
+            config=config,
+            socket_path=socket_path,
+            tls_dir=tls_dir if config.tls else None,
+            profile=self.name,
+        )
+        try:
+            server.wait_ready()
+        except BaseException:
+            server.stop()
+            raise
+        return server

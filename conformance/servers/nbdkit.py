@@ -1,0 +1,58 @@
+"""The nbdkit profile: the memory plugin (one RAM disk shared by all connections)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conformance.servers.base import Deviation, Profile, ServerConfig
+
+
+class Nbdkit(Profile):
+    """``nbdkit -U SOCK -f --exit-with-parent [-r] [filters] memory SIZE``.
+
+    Connection limits use the limit filter, export names the exportname
+    filter (strict, so that other names are refused), descriptions the same
+    filter's ``exportdesc=fixed:``.  TLS: ``--tls=require
+    --tls-certificates=DIR``.
+    """
+
+    name = "nbdkit"
+    deviations = (
+        Deviation(
+            "test_single_connection_does_not_advertise_multi_conn",
+            "Values / Handshake phase / Flag fields / Transmission flags",
+            "nbdkit 1.32 with the limit filter (limit=1) still advertises "
+            "NBD_FLAG_CAN_MULTI_CONN, then refuses the second connection",
+        ),
+        Deviation(
+            "test_readonly_single_connection_does_not_advertise_multi_conn",
+            "Values / Handshake phase / Flag fields / Transmission flags",
+            "nbdkit 1.32 with the limit filter (limit=1) still advertises "
+            "NBD_FLAG_CAN_MULTI_CONN on a read-only export, then refuses the second connection",
+        ),
+    )
+
+    def command(
+        self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
+    ) -> list[str]:
+        argv = ["nbdkit", "-U", socket_path, "-f", "--exit-with-parent"]
+        if config.read_only:
+            argv.append("-r")
+        if config.tls:
+            assert tls_dir is not None
+            argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
+        params: list[str] = []
+        if config.shared:
+            argv.append("--filter=limit")
+            params.append(f"limit={config.shared}")
+        if config.export_name or config.description is not None:
+            argv.append("--filter=exportname")
+            if config.export_name:
+                params += [
+                    "exportname-strict=true",
+                    "exportname-list=explicit",
+                    f"exportname={config.export_name}",
+                ]
+            if config.description is not None:
+                params.append(f"exportdesc=fixed:{config.description}")
+        return [*argv, "memory", str(config.size), *params]

@@ -1,0 +1,87 @@
+"""The qemu-nbd profile: a raw file in a temporary directory, served by qemu-nbd."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conformance.servers.base import Deviation, Profile, ServerConfig
+
+
+class QemuNbd(Profile):
+    """``qemu-nbd -k SOCK -f raw -t [-r] [-e N] [-x NAME] [-D DESC] FILE``.
+
+    ``-t`` (persistent) always: without it qemu-nbd exits when its last
+    client leaves, and checks connect more than once.  ``shared=None`` maps
+    to ``-e 0`` (unlimited); qemu-nbd's own default is 1.  (qemu-nbd 7.2.22
+    does not advertise MULTI_CONN under ``-r`` without ``-e``: the regression
+    check named after that bug passes.)
+    """
+
+    name = "qemu-nbd"
+    deviations = (
+        Deviation(
+            "test_write_and_trim_get_eperm",
+            "Values / Transmission phase / Error values",
+            "qemu-nbd 7.2 answers NBD_EINVAL, not NBD_EPERM, to writes and trims on a read-only "
+            "export",
+        ),
+        Deviation(
+            "test_write_zeroes_gets_eperm",
+            "Values / Transmission phase / Request types",
+            "qemu-nbd 7.2 answers NBD_EINVAL, not NBD_EPERM, to write-zeroes on a read-only export",
+        ),
+        Deviation(
+            "test_request_beyond_the_end_gets_the_named_error[write-straddling]",
+            "Values / Transmission phase / Error values",
+            "qemu-nbd 7.2 answers NBD_EINVAL, not NBD_ENOSPC, to writes beyond the end",
+        ),
+        Deviation(
+            "test_request_beyond_the_end_gets_the_named_error[write-past]",
+            "Values / Transmission phase / Error values",
+            "qemu-nbd 7.2 answers NBD_EINVAL, not NBD_ENOSPC, to writes beyond the end",
+        ),
+        Deviation(
+            "test_request_beyond_the_end_gets_the_named_error[write-zeroes-straddling]",
+            "Values / Transmission phase / Error values",
+            "qemu-nbd 7.2 answers NBD_EINVAL, not NBD_ENOSPC, to write-zeroes beyond the end",
+        ),
+        Deviation(
+            "test_request_beyond_the_end_gets_the_named_error[write-zeroes-past]",
+            "Values / Transmission phase / Error values",
+            "qemu-nbd 7.2 answers NBD_EINVAL, not NBD_ENOSPC, to write-zeroes beyond the end",
+        ),
+    )
+
+    def command(
+        self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
+    ) -> list[str]:
+        image = workdir / "disk.img"
+        with open(image, "wb") as f:
+            f.truncate(config.size)
+        shared = 0 if config.shared is None else config.shared
+        argv = [
+            "qemu-nbd",
+            "-k",
+            socket_path,
+            "-f",
+            "raw",
+            "-t",
+            "-e",
+            str(shared),
+            "-x",
+            config.export_name,
+        ]
+        if config.read_only:
+            argv.append("-r")
+        if config.description is not None:
+            argv += ["-D", config.description]
+        if config.tls:
+            assert tls_dir is not None
+            argv += [
+                "--object",
+                f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server",
+                "--tls-creds",
+                "tls0",
+            ]
+        argv.append(str(image))
+        return argv

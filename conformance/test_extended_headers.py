@@ -1,0 +1,208 @@
+"""EXTENDED_HEADERS (experimental extension, proto-extension-ext-header.md), where offered.
+
+proto.md only reserves the numbers; the requirements quoted in the docstrings
+come from the extension document.  A server that answers
+NBD_OPT_EXTENDED_HEADERS with NBD_REP_ERR_UNSUP gets the verdict UNSUPPORTED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from conformance.spec import MUST, SHOULD, expect, expect_data, expect_equal, spec, unsupported
+from conformance.wire import (
+    BASE_ALLOCATION,
+    Cmd,
+    CmdFlag,
+    Errno,
+    Opt,
+    Rep,
+    ReplyType,
+    TransmissionFlag,
+)
+from conformance.wire import messages as m
+from conformance.wire import session as s
+from conformance.wire.constants import EXTENDED_REPLY_MAGIC
+
+BLOCK = 4096
+DATA = bytes(range(256)) * 16
+
+
+def _require_extended(client) -> None:
+    result = client.extended_headers()
+    if result.type == Rep.ERR_UNSUP:
+        unsupported("the server does not support NBD_OPT_EXTENDED_HEADERS")
+    expect_equal(result.type.name, "ACK", "reply to NBD_OPT_EXTENDED_HEADERS")
+
+
+@contextlib.contextmanager
+def extended(server, *, meta: bool = False, structured_too: bool = False):
+    """A transmission-phase client with extended headers (and base:allocation)."""
+    client = s.negotiated(server)
+    try:
+        _require_extended(client)
+        if structured_too:
+            client.structured_reply()
+        name = s.export_name(server)
+        context_id = None
+        if meta:
+            selected = client.set_meta_context(name, (BASE_ALLOCATION.encode(),))
+            expect_equal(selected.type.name, "ACK", "SET_META_CONTEXT with extended headers only")
+            if BASE_ALLOCATION not in selected.contexts:
+                unsupported("the server does not offer base:allocation")
+            context_id = selected.contexts[BASE_ALLOCATION]
+        go = client.go(name)
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO after NBD_OPT_EXTENDED_HEADERS")
+        yield client, go.export, context_id
+    finally:
+        client.close()
+
+
+@spec("Values / Handshake phase / Flag fields / Transmission flags", MUST)
+def test_block_status_payload_flag_clear_without_extended_headers(server):
+    """NBD_FLAG_BLOCK_STATUS_PAYLOAD (bit 12): "Servers MUST NOT advertise this bit unless the
+    client successfully negotiates extended headers via `NBD_OPT_EXTENDED_HEADERS`"."""
+    client, export = s.transmission(server)
+    try:
+        flags = export.flags
+        expect(
+            not flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD,
+            "NBD_FLAG_BLOCK_STATUS_PAYLOAD",
+            "clear",
+            repr(flags),
+        )
+    finally:
+        client.disconnect()
+
+
+@spec("Values / Handshake phase / Option types", SHOULD)
+def test_extended_headers_with_data_gets_err_invalid(server):
+    """ "The client MUST NOT send any additional data with the option, and the server SHOULD
+    reject a request that includes data with `NBD_REP_ERR_INVALID`." """
+    client = s.negotiated(server)
+    try:
+        result = client.option(Opt.EXTENDED_HEADERS, b"junk")
+        if result.type == Rep.ERR_UNSUP:
+            unsupported("the server does not support NBD_OPT_EXTENDED_HEADERS")
+        expect_equal(result.type.name, "ERR_INVALID", "NBD_OPT_EXTENDED_HEADERS with data")
+    finally:
+        client.close()
+
+
+def _request(client, case: str, export):
+    if case == "write":
+        return client.write(BLOCK, DATA), BLOCK
+    if case == "flush":
+        if not export.flags & TransmissionFlag.SEND_FLUSH:
+            unsupported("the server does not advertise NBD_FLAG_SEND_FLUSH")
+        return client.request(Cmd.FLUSH), 0
+    if case == "read-out-of-bounds":
+        return client.read(export.size, 512), export.size
+    return client.read(BLOCK, 512), BLOCK
+
+
+CASES = ["read", "write", "flush", "read-out-of-bounds"]
+
+
+@spec("Protocol phases / Transmission", MUST)
+@pytest.mark.writes
+@pytest.mark.parametrize("case", CASES)
+def test_every_reply_is_extended(server, case):
+    """ "If extended headers are negotiated, all server replies MUST use an extended reply; the
+    server MUST NOT use simple replies even when there is no payload." """
+    with extended(server) as (client, export, _):
+        reply, _ = _request(client, case, export)
+        magics = [hex(getattr(msg, "magic", 0)) for msg in reply.messages]
+        expect(
+            all(isinstance(x, m.Chunk) and x.extended for x in reply.messages),
+            f"reply to {case}",
+            f"extended replies ({EXTENDED_REPLY_MAGIC:#x})",
+            magics,
+        )
+
+
+@spec("Protocol phases / Transmission", MUST)
+@pytest.mark.writes
+@pytest.mark.parametrize("case", CASES)
+def test_extended_reply_offset_matches_request(server, case):
+    """ "The extended reply has an additional field *offset* which MUST match the *offset* of the
+    client's request"."""
+    with extended(server) as (client, export, _):
+        reply, offset = _request(client, case, export)
+        for chunk in reply.chunks:
+            expect_equal(chunk.offset, offset, f"offset field of a {chunk.type.name} reply")
+
+
+@spec("Protocol phases / Transmission", MUST)
+@pytest.mark.writes
+def test_extended_write_then_read(server):
+    """NBD_CMD_WRITE with NBD_CMD_FLAG_PAYLOAD_LEN, then NBD_CMD_READ, both with 32-byte headers."""
+    with extended(server) as (client, _, _):
+        expect_equal(client.write(BLOCK, DATA).error, Errno.OK, "extended WRITE")
+        reply = client.read(BLOCK, len(DATA))
+        expect_equal(reply.error, Errno.OK, "extended READ")
+        expect_data(reply.data(BLOCK, len(DATA)), DATA, "data read back")
+
+
+@spec("Values / Handshake phase / Option types", MUST)
+def test_set_meta_context_accepted_with_extended_headers_only(server):
+    """ "This option MUST NOT be requested unless structured replies or extended headers have
+    been negotiated first": extended headers alone are enough."""
+    with extended(server, meta=True) as (_, _, context_id):
+        expect(context_id is not None, "base:allocation selected", True, context_id)
+
+
+@spec("Values / Transmission phase / Structured reply types", MUST)
+def test_block_status_uses_block_status_ext(server):
+    """ "only `NBD_REPLY_TYPE_BLOCK_STATUS` for structured replies, and only
+    `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` for extended headers"; "*length* MUST be 8 + (a positive
+    multiple of 16)" with a matching descriptor count."""
+    with extended(server, meta=True) as (client, export, context_id):
+        reply = client.block_status(0, export.size)
+        kinds = [c.type.name for c in reply.chunks]
+        expect_equal(kinds.count("BLOCK_STATUS_EXT"), 1, f"status chunks ({kinds})")
+        expect("BLOCK_STATUS" not in kinds, "status chunk types", "no BLOCK_STATUS", kinds)
+        for chunk in reply.chunks:
+            if chunk.type == ReplyType.BLOCK_STATUS_EXT:
+                status = m.parse_chunk(chunk)
+                assert isinstance(status, m.BlockStatus)
+                expect_equal(status.context_id, context_id, "metadata context ID")
+
+
+@spec("Values / Transmission phase / Structured reply types", MUST)
+def test_block_status_ext_base_status_fits_32_bits(server):
+    """ "For metadata contexts that only return a 32-bit status (including all contexts in the
+    "base:" namespace), the most-significant 32 bits of *status* MUST be all zeroes." """
+    with extended(server, meta=True) as (client, export, _):
+        reply = client.block_status(0, export.size)
+        for status in reply.block_status:
+            high = [flags >> 32 for _, flags in status.extents if flags >> 32]
+            expect_equal(high, [], "high 32 bits of base:allocation status values")
+
+
+@spec("Values / Handshake phase / Option types", MUST)
+@pytest.mark.writes
+def test_extended_headers_take_precedence_over_structured_replies(server):
+    """ "When successful, this option takes precedence over structured replies": STRUCTURED_REPLY
+    asked after EXTENDED_HEADERS (whatever its answer) leaves replies extended."""
+    with extended(server, structured_too=True) as (client, _, _):
+        reply = client.read(0, BLOCK)
+        expect(
+            all(isinstance(x, m.Chunk) and x.extended for x in reply.messages),
+            "READ reply",
+            "extended replies",
+            reply.messages,
+        )
+
+
+@spec("Protocol phases / Transmission", SHOULD)
+def test_unexpected_payload_is_consumed(server):
+    """ "a server SHOULD gracefully consume *length* bytes of payload (even if it then replies
+    with an `NBD_EINVAL` failure because the particular command was not expecting a payload),
+    and proceed with the next client command"."""
+    with extended(server) as (client, _, _):
+        client.request(Cmd.READ, 0, 16, flags=CmdFlag.PAYLOAD_LEN, payload=b"\x99" * 16)
+        reply = client.read(0, 512)
+        expect_equal(reply.error, Errno.OK, "READ after a READ that carried a payload")

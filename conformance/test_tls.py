@@ -1,0 +1,238 @@
+"""TLS with a server that requires it (FORCEDTLS): what is answered before STARTTLS, the upgrade.
+
+Raw-wire checks (conformance.wire): libnbd 1.14 cannot send NBD_OPT_STARTTLS on
+its own, nor options in clear to a TLS server.  Credentials come from
+conformance.tlsutil through the profile's TLS configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+
+import pytest
+
+from conformance.servers.base import ServerConfig
+from conformance.spec import MUST, expect, expect_equal, spec
+from conformance.wire import Disconnected, Errno, Opt, Rep
+from conformance.wire import messages as m
+from conformance.wire import session as s
+from conformance.wire.constants import OPTION_REPLY_MAGIC
+
+WAIT = 5.0
+# A plaintext reply to an injected option would come at once; waiting longer buys nothing.
+REPLY_WAIT = 2.0
+CLEAR_OPTIONS = [
+    Opt.LIST,
+    Opt.INFO,
+    Opt.GO,
+    Opt.STRUCTURED_REPLY,
+    Opt.LIST_META_CONTEXT,
+    Opt.SET_META_CONTEXT,
+    Opt.EXTENDED_HEADERS,
+    Opt(0x2A),
+]
+
+
+@pytest.fixture
+def tls_server(start_server):
+    return start_server(ServerConfig(tls=True))
+
+
+@contextlib.contextmanager
+def in_clear(server):
+    """Greeting and client flags done; no STARTTLS yet."""
+    client = s.connect(server)
+    try:
+        client.negotiate()
+        yield client
+    finally:
+        client.close()
+
+
+def _payload(option: Opt, name: bytes) -> bytes:
+    if option in (Opt.INFO, Opt.GO):
+        return m.pack_name_and_infos(name)
+    if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+        return m.pack_meta_context_query(name, (b"base:allocation",))
+    return b""
+
+
+def _plaintext_reply_in(data: bytes) -> bool:
+    return OPTION_REPLY_MAGIC.to_bytes(8, "big") in data
+
+
+FORCED_TLS_RULE = (
+    "If the server receives any other option, including `NBD_OPT_INFO` and unsupported options, "
+    "it MUST reply with `NBD_REP_ERR_TLS_REQD` if TLS has not been initiated; `NBD_OPT_INFO` is "
+    "included as in this mode, all exports are TLS-only."
+)
+
+
+@spec("TLS support / Server-side requirements / FORCEDTLS mode", MUST, FORCED_TLS_RULE)
+@pytest.mark.parametrize("option", CLEAR_OPTIONS, ids=lambda o: o.name.lower())
+def test_option_before_starttls_gets_tls_reqd(tls_server, option):
+    with in_clear(tls_server) as client:
+        result = client.option(option, _payload(option, s.export_name(tls_server)))
+        expect_equal(result.type.name, "ERR_TLS_REQD", f"{option.name} before STARTTLS")
+
+
+@spec(
+    "Values / Handshake phase / Option types",
+    MUST,
+    "In this case, a FORCEDTLS server MUST NOT send `NBD_REP_INFO` replies, but a SELECTIVETLS "
+    "server MAY do so if this is a TLS-only export.",
+)
+@pytest.mark.parametrize("option", [Opt.INFO, Opt.GO], ids=lambda o: o.name.lower())
+def test_info_and_go_before_starttls_reveal_nothing(tls_server, option):
+    with in_clear(tls_server) as client:
+        result = client.option(option, _payload(option, s.export_name(tls_server)))
+        expect_equal([r.type.name for r in result.intermediate], [], f"{option.name} replies")
+
+
+@spec(
+    "TLS support / Server-side requirements / FORCEDTLS mode",
+    MUST,
+    "If the server receives a request to enter transmission mode via `NBD_OPT_EXPORT_NAME` when "
+    "TLS has not been initiated, then as this request cannot error, it MUST terminate the session.",
+)
+def test_export_name_before_starttls_terminates(tls_server):
+    with in_clear(tls_server) as client:
+        try:
+            client.send_option(Opt.EXPORT_NAME, s.export_name(tls_server))
+        except Disconnected:
+            return
+        outcome = client.expect_disconnect(WAIT)
+    expect(
+        outcome.disconnected and not outcome.data,
+        "NBD_OPT_EXPORT_NAME in clear",
+        "the session terminated, no export information",
+        f"disconnected={outcome.disconnected}, {len(outcome.data)} bytes sent",
+    )
+    s.assert_still_serving(tls_server, "NBD_OPT_EXPORT_NAME before STARTTLS")
+
+
+@spec(
+    "TLS support / Server-side requirements / FORCEDTLS mode",
+    MUST,
+    "If the server receives `NBD_OPT_STARTTLS` prior to negotiating TLS, it MUST reply with "
+    "`NBD_REP_ACK`.",
+)
+def test_starttls_gets_ack_then_tls(tls_server):
+    with in_clear(tls_server) as client:
+        result = client.option(Opt.STARTTLS)
+        expect_equal(result.type.name, "ACK", "reply to NBD_OPT_STARTTLS")
+        client.upgrade_tls(s.require_tls_context(tls_server))
+        go = client.go(s.export_name(tls_server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO over TLS")
+        expect_equal(client.read(0, 4096).error, Errno.OK, "READ over TLS")
+        client.disconnect()
+
+
+@spec(
+    "TLS support / Server-side requirements / FORCEDTLS mode",
+    MUST,
+    "If the server receives `NBD_OPT_STARTTLS` when TLS has already been negotiated, it it MUST "
+    "reply with `NBD_REP_ERR_INVALID`.",
+)
+def test_second_starttls_gets_err_invalid(tls_server):
+    client = s.negotiated(tls_server)
+    try:
+        result = client.option(Opt.STARTTLS)
+        expect_equal(result.type.name, "ERR_INVALID", "second NBD_OPT_STARTTLS")
+    finally:
+        client.close()
+
+
+@spec(
+    "TLS support / Server-side requirements / FORCEDTLS mode",
+    MUST,
+    "The server MUST NOT send `NBD_REP_ERR_TLS_REQD` in reply to any option if TLS has already "
+    "been initiated.",
+)
+@pytest.mark.parametrize("option", [Opt.LIST, Opt.INFO, Opt(0x2A)], ids=lambda o: o.name.lower())
+def test_no_tls_reqd_after_starttls(tls_server, option):
+    client = s.negotiated(tls_server)
+    try:
+        result = client.option(option, _payload(option, b"conformance-no-such-export"))
+        expect(
+            result.type != Rep.ERR_TLS_REQD,
+            f"{option.name} over TLS",
+            "anything but ERR_TLS_REQD",
+            result.type.name,
+        )
+    finally:
+        client.close()
+
+
+@spec(
+    "TLS support / Server-side requirements / FORCEDTLS mode",
+    MUST,
+    "If the handshake is unsuccessful (for instance the client's certificate does not match) the "
+    "server MUST terminate the session as by this stage it is too late to continue without TLS "
+    "as the acknowledgement has been sent.",
+)
+def test_failed_tls_handshake_terminates_session(tls_server):
+    with in_clear(tls_server) as client:
+        expect_equal(client.option(Opt.STARTTLS).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
+        try:
+            client.send(m.pack_option(Opt.LIST) * 4)  # plaintext where a ClientHello belongs
+        except Disconnected:
+            return
+        outcome = client.expect_disconnect(WAIT)
+    expect(
+        not _plaintext_reply_in(outcome.data),
+        "after a failed TLS handshake",
+        "no plaintext option reply",
+        outcome.data[:40].hex(),
+    )
+    expect(
+        outcome.disconnected,
+        "after a failed TLS handshake",
+        "the session terminated",
+        f"still open after {WAIT}s",
+    )
+    s.assert_still_serving(tls_server, "a failed TLS handshake")
+
+
+@spec(
+    "TLS support / Server-side requirements / FORCEDTLS mode",
+    MUST,
+    "After an `NBD_REP_ACK` reply has been sent, the server MUST be prepared for a TLS handshake, "
+    "and all further data MUST be sent and received over TLS.",
+)
+def test_option_sent_with_starttls_is_not_answered_in_clear(tls_server):
+    """STARTTLS and NBD_OPT_LIST in one write: the LIST bytes, buffered by the server before the
+    upgrade, must never be acted on in clear (the STARTTLS command-injection class)."""
+    with in_clear(tls_server) as client:
+        client.send(m.pack_option(Opt.STARTTLS) + m.pack_option(Opt.LIST))
+        ack = client.recv_option_reply()
+        expect_equal(ack.type.name, "ACK", "reply to NBD_OPT_STARTTLS")
+        outcome = client.expect_disconnect(REPLY_WAIT)
+    expect(
+        not _plaintext_reply_in(outcome.data),
+        "bytes after the ACK",
+        "no plaintext reply to the buffered NBD_OPT_LIST",
+        outcome.data[:40].hex(),
+    )
+    s.assert_still_serving(tls_server, "an option injected behind NBD_OPT_STARTTLS")
+
+
+@spec(
+    "TLS support / Security considerations / TLS versions",
+    MUST,
+    "NBD implementations supporting TLS MUST support TLS version 1.2, SHOULD support any later "
+    "versions.",
+)
+def test_tls_1_2_is_supported(tls_server):
+    ctx = s.require_tls_context(tls_server)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with in_clear(tls_server) as client:
+        expect_equal(client.option(Opt.STARTTLS).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
+        try:
+            client.upgrade_tls(ctx)
+        except (ssl.SSLError, OSError) as exc:
+            expect(False, "TLS 1.2 handshake", "success", repr(exc))
+        expect_equal(client.sock.version(), "TLSv1.2", "negotiated TLS version")
+        expect_equal(client.go(s.export_name(tls_server)).type.name, "ACK", "GO over TLS 1.2")

@@ -1,0 +1,232 @@
+"""NBD_CMD_TRIM and NBD_CMD_WRITE_ZEROES (with NO_HOLE and FAST_ZERO)."""
+
+from __future__ import annotations
+
+import errno
+
+import nbd
+import pytest
+
+from conformance.data import pattern
+from conformance.spec import (
+    MUST,
+    SHOULD,
+    SpecViolation,
+    errno_name,
+    expect,
+    expect_data,
+    expect_nbd_error,
+    spec,
+    unsupported,
+)
+
+REQUESTS = "Values / Transmission phase / Request types"
+ZERO_RULE = (
+    "By default, the server MAY use trimming to zero out the area, even if it did not "
+    "advertise `NBD_FLAG_SEND_TRIM`; but it MUST ensure that the data reads back as "
+    "zero."
+)
+
+pytestmark = pytest.mark.writes
+
+# (offset, length) inside a 64 KiB pattern written first.
+ZERO_RANGES = {
+    "aligned": (16384, 16384),
+    "unaligned": (5000, 30000),
+    "tiny": (4097, 3),
+    "whole": (0, 65536),
+}
+
+
+def _needs_zero(h):
+    if not h.can_zero():
+        unsupported("the server does not advertise NBD_FLAG_SEND_WRITE_ZEROES")
+
+
+def _needs_trim(h):
+    if not h.can_trim():
+        unsupported("the server does not advertise NBD_FLAG_SEND_TRIM")
+
+
+def _aligned_or_skip(h, offset, length):
+    minimum = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+    if offset % minimum or length % minimum:
+        unsupported(f"the server's minimum block size is {minimum}")
+
+
+def _expected_after_zero(offset, length, tag=1):
+    expected = bytearray(pattern(0, 65536, tag=tag))
+    expected[offset : offset + length] = bytes(length)
+    return expected
+
+
+@pytest.mark.parametrize("where", ZERO_RANGES)
+@pytest.mark.parametrize("no_hole", [False, True], ids=["", "no-hole"])
+@spec(REQUESTS, MUST, quote=ZERO_RULE)
+def test_write_zeroes_reads_back_as_zero(server, where, no_hole):
+    """Zeroed bytes read as zero; the bytes around them keep their data."""
+    h = server.connect()
+    _needs_zero(h)
+    offset, length = ZERO_RANGES[where]
+    _aligned_or_skip(h, offset, length)
+    h.pwrite(pattern(0, 65536, tag=1), 0)
+    h.zero(length, offset, nbd.CMD_FLAG_NO_HOLE if no_hole else 0)
+    expect_data(
+        h.pread(65536, 0),
+        _expected_after_zero(offset, length),
+        f"64 KiB around write-zeroes of {length} bytes at {offset}",
+    )
+
+
+@spec(
+    REQUESTS,
+    MUST,
+    quote="The server MUST support the use of this flag if it advertises "
+    "`NBD_FLAG_SEND_WRITE_ZEROES`.",
+)
+def test_write_zeroes_no_hole_is_accepted(server):
+    h = server.connect()
+    _needs_zero(h)
+    h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_NO_HOLE)
+
+
+@spec(
+    REQUESTS,
+    MUST,
+    quote="A server MAY discard *length* bytes starting at offset, but is not "
+    "required to; and MAY round *offset* up and *length* down to meet internal alignment "
+    "constraints so that only a portion of the client's request is actually discarded.",
+)
+def test_trim_keeps_data_outside_its_range(server):
+    """Whatever trim does inside its range, the bytes outside it keep their data."""
+    h = server.connect()
+    _needs_trim(h)
+    size = 3 * 65536
+    h.pwrite(pattern(0, size, tag=2), 0)
+    # Unaligned on purpose: a server rounding outwards would discard neighbours.
+    h.trim(65536 + 1000, 65536 - 500)
+    after = h.pread(size, 0)
+    expect_data(after[: 65536 - 500], pattern(0, 65536 - 500, tag=2), "data before the trim")
+    end = 65536 - 500 + 65536 + 1000
+    expect_data(after[end:], pattern(end, size - end, tag=2), "data after the trim")
+
+
+@spec(
+    REQUESTS,
+    MUST,
+    quote="After issuing this command, a client MUST NOT make any assumptions "
+    "about the contents of the export affected by this command, until overwriting it again "
+    "with `NBD_CMD_WRITE` or `NBD_CMD_WRITE_ZEROES`.",
+)
+def test_write_after_trim_reads_back(server):
+    h = server.connect()
+    _needs_trim(h)
+    h.pwrite(pattern(0, 65536, tag=3), 0)
+    h.trim(65536, 0)
+    h.pwrite(pattern(4096, 8192, tag=4), 4096)
+    expect_data(h.pread(8192, 4096), pattern(4096, 8192, tag=4), "write after trim")
+    if h.can_zero():
+        h.zero(4096, 32768)
+        expect_data(h.pread(4096, 32768), bytes(4096), "write-zeroes after trim")
+
+
+@pytest.mark.parametrize("no_hole", [False, True], ids=["", "no-hole"])
+@spec(
+    REQUESTS,
+    MUST,
+    quote="Conversely, if `NBD_CMD_FLAG_FAST_ZERO` is set, the server SHOULD "
+    "NOT fail with `NBD_EOVERFLOW` regardless of the client length, MUST fail quickly with "
+    "`NBD_ENOTSUP` unless the request can be serviced in less time than a corresponding "
+    "`NBD_CMD_WRITE`, and SHOULD NOT alter the contents of the export when returning an "
+    "`NBD_ENOTSUP` failure.",
+)
+def test_fast_zero_zeroes_or_fails_with_enotsup(server, no_hole):
+    h = server.connect()
+    if not h.can_fast_zero():
+        unsupported("the server does not advertise NBD_FLAG_SEND_FAST_ZERO")
+    h.pwrite(pattern(0, 65536, tag=5), 0)
+    flags = nbd.CMD_FLAG_FAST_ZERO | (nbd.CMD_FLAG_NO_HOLE if no_hole else 0)
+    try:
+        h.zero(32768, 16384, flags)
+    except nbd.Error as err:
+        if err.errnum != errno.ENOTSUP:
+            raise SpecViolation(
+                "fast write-zeroes",
+                detail=f"expected success or error ENOTSUP "
+                f"(95), actual error {errno_name(err.errnum)}",
+            ) from err
+        return
+    expect_data(h.pread(65536, 0), _expected_after_zero(16384, 32768, tag=5), "fast write-zeroes")
+
+
+@spec(
+    REQUESTS,
+    SHOULD,
+    quote="Conversely, if `NBD_CMD_FLAG_FAST_ZERO` is set, the server SHOULD "
+    "NOT fail with `NBD_EOVERFLOW` regardless of the client length, MUST fail quickly with "
+    "`NBD_ENOTSUP` unless the request can be serviced in less time than a corresponding "
+    "`NBD_CMD_WRITE`, and SHOULD NOT alter the contents of the export when returning an "
+    "`NBD_ENOTSUP` failure.",
+)
+def test_failed_fast_zero_leaves_data_alone(server):
+    h = server.connect()
+    if not h.can_fast_zero():
+        unsupported("the server does not advertise NBD_FLAG_SEND_FAST_ZERO")
+    h.pwrite(pattern(0, 65536, tag=6), 0)
+    try:
+        h.zero(32768, 16384, nbd.CMD_FLAG_FAST_ZERO)
+    except nbd.Error:
+        expect_data(
+            h.pread(65536, 0), pattern(0, 65536, tag=6), "data after a failed fast write-zeroes"
+        )
+        return
+    unsupported("the server performed the fast write-zeroes (nothing to check)")
+
+
+@spec(
+    REQUESTS,
+    SHOULD,
+    quote="If the server did not advertise `NBD_FLAG_SEND_FAST_ZERO`, then it "
+    "SHOULD NOT fail with `NBD_ENOTSUP`, regardless of the speed of servicing a request, and "
+    "SHOULD fail with `NBD_EINVAL` if the `NBD_CMD_FLAG_FAST_ZERO` flag was set.",
+)
+def test_fast_zero_without_advertisement_gets_einval(server):
+    h = server.connect(strict=0)
+    _needs_zero(h)
+    if h.can_fast_zero():
+        unsupported("the server advertises NBD_FLAG_SEND_FAST_ZERO")
+    expect_nbd_error(
+        lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO),
+        errno.EINVAL,
+        "write-zeroes with unadvertised FAST_ZERO",
+    )
+
+
+@spec(
+    "Size constraints",
+    SHOULD,
+    quote="For commands that do not require a payload in either "
+    "direction (such as `NBD_CMD_TRIM` or `NBD_CMD_WRITE_ZEROES`), the client MAY request an "
+    "effect length larger than the maximum payload size; the server SHOULD NOT disconnect, but "
+    "MAY reply with an `NBD_EOVERFLOW` or `NBD_EINVAL` error if the oversize request would "
+    "require too many server resources when compared to the same command with an effect "
+    "length limited to the maximum payload size (such as an implementation of "
+    "`NBD_CMD_WRITE_ZEROES` that utilizes a scratch buffer).",
+)
+def test_write_zeroes_larger_than_maximum_payload(server):
+    """Zeroing the whole 64 MiB export in one request: success, EOVERFLOW or EINVAL."""
+    h = server.connect()
+    _needs_zero(h)
+    size = h.get_size()
+    h.pwrite(pattern(size - 4096, 4096, tag=7), size - 4096)
+    try:
+        h.zero(size, 0)
+    except nbd.Error as err:
+        if err.errnum not in (errno.EOVERFLOW, errno.EINVAL):
+            raise SpecViolation(
+                "write-zeroes of the whole export",
+                detail=(f"expected success, EOVERFLOW or EINVAL, actual {errno_name(err.errnum)}"),
+            ) from err
+        expect(len(h.pread(4096, 0)) == 4096, "connection usable after the refusal")
+        return
+    expect_data(h.pread(4096, size - 4096), bytes(4096), "end of the export after zeroing it")

@@ -1,0 +1,128 @@
+"""Sessions with a server under test: connecting, negotiating, and the health probe.
+
+The checks of the raw-wire files start from here.  Against a server that
+requires TLS (an ``nbds`` URI or a TLS configuration) the helpers upgrade with
+NBD_OPT_STARTTLS first, so that the option checks also run against such
+servers, inside TLS.
+
+:func:`assert_still_serving` is the probe every hostile check ends with: after
+whatever the check did, a new well-behaved client is served.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+from conformance.spec import SpecViolation
+from conformance.tlsutil import client_context
+
+from .client import Disconnected, WireClient
+from .constants import Cmd, Errno, Info
+from .messages import ExportInfo, ProtocolViolation
+
+PROBE_TIMEOUT = 10.0
+
+
+def tls_context(server: Any) -> ssl.SSLContext | None:
+    """The client TLS context for *server*, or None when it does not use TLS."""
+    if not getattr(server, "tls", False):
+        return None
+    if server.tls_dir is None:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    return client_context(server.tls_dir)
+
+
+def export_name(server: Any) -> bytes:
+    return str(server.export_name).encode("utf-8")
+
+
+def connect(server: Any, *, timeout: float = PROBE_TIMEOUT) -> WireClient:
+    """A raw connection; nothing read or sent yet."""
+    return WireClient.connect(server, timeout=timeout)
+
+
+def negotiated(
+    server: Any, *, flags: int | None = None, timeout: float = PROBE_TIMEOUT
+) -> WireClient:
+    """Greeting and client flags done, TLS started if the server requires it: options next."""
+    client = connect(server, timeout=timeout)
+    client.negotiate(flags)
+    ctx = tls_context(server)
+    if ctx is not None:
+        result = client.starttls(ctx)
+        if not result.ok:
+            raise ProtocolViolation(f"STARTTLS: expected NBD_REP_ACK, actual {result.describe()}")
+    return client
+
+
+def transmission(
+    server: Any,
+    *,
+    structured: bool = False,
+    extended: bool = False,
+    meta_contexts: tuple[bytes, ...] = (),
+    infos: tuple[int, ...] = (Info.BLOCK_SIZE,),
+    timeout: float = PROBE_TIMEOUT,
+) -> tuple[WireClient, ExportInfo]:
+    """A client in the transmission phase after a well-behaved NBD_OPT_GO, and the export."""
+    client = connect(server, timeout=timeout)
+    try:
+        result = client.open_export(
+            export_name(server),
+            tls=tls_context(server),
+            structured=structured,
+            extended=extended,
+            meta_contexts=meta_contexts,
+            infos=infos,
+        )
+        export = result.export
+        if export is None:
+            raise ProtocolViolation(
+                f"NBD_OPT_GO succeeded without NBD_INFO_EXPORT: {result.describe()}"
+            )
+    except BaseException:
+        client.close()
+        raise
+    return client, export
+
+
+def require_tls_context(server: Any) -> ssl.SSLContext:
+    """The client TLS context of a server configured for TLS."""
+    ctx = tls_context(server)
+    if ctx is None:
+        raise ValueError(f"{server!r} does not use TLS")
+    return ctx
+
+
+def assert_still_serving(
+    server: Any, after: str, *, expect: tuple[int, bytes] | None = None
+) -> None:
+    """Fail unless a new well-behaved client completes GO and a 4 KiB READ.
+
+    *after* names the hostile interaction for the message; *expect* is an
+    (offset, bytes) pair that must read back unchanged (data intact).
+    """
+    what = f"a well-behaved client after {after}"
+    offset, wanted = expect if expect is not None else (0, b"")
+    length = max(len(wanted), 4096)
+    try:
+        client, export = transmission(server)
+    except (Disconnected, ProtocolViolation, OSError) as exc:
+        raise SpecViolation(what, detail=f"expected to be served, actual {exc!r}") from None
+    try:
+        length = min(length, max(export.size - offset, 0))
+        reply = client.request(Cmd.READ, offset, length)
+        if reply.error != Errno.OK:
+            raise SpecViolation(what, f"READ of {length} bytes succeeding", reply.error.name)
+        data = reply.data(offset, length)
+        if wanted and data[: len(wanted)] != wanted:
+            raise SpecViolation(what, detail="expected the data written before, actual different")
+    except (Disconnected, ProtocolViolation, OSError) as exc:
+        detail = f"expected a READ reply, actual {exc!r}\nwire log:\n{client.transcript()}"
+        raise SpecViolation(what, detail=detail) from None
+    finally:
+        client.disconnect()
