@@ -18,8 +18,32 @@ import pytest
 SUITE = Path(__file__).resolve().parent
 
 
+USAGE = """\
+usage: nbd-conformance [--nbd-server=PROFILE | --server-cmd=TEMPLATE | --uri=URI]
+                       [--allow-writes] [--nbd-strict] [--report=FILE.json]
+                       [-n auto] [any pytest option]
+
+Validate an NBD server against the NBD protocol specification.
+
+  --nbd-server=PROFILE   reference (default), qemu-nbd, nbdkit or nbd-server
+  --server-cmd=TEMPLATE  start another server per check; placeholders {socket}
+                         {size} {export} {description} {shared} {tls_dir}
+                         {read_only:WORD} {tls:WORD}
+  --uri=URI              a running server (nbd://, nbds://, nbd+unix://, nbds+unix://)
+  --allow-writes         with --uri, let checks write (destroys the export's data)
+  --nbd-strict           SHOULD-level failures fail instead of warning
+  --report=FILE.json     every check's verdict as JSON
+  -n auto                run checks in parallel (pytest-xdist)
+
+'pytest --help' lists every other option; they all work here too.
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if "-h" in args or "--help" in args:
+        sys.stdout.write(USAGE)
+        return 0
     return int(pytest.main([str(SUITE), "-p", "no:cacheprovider", *args]))
 
 

@@ -79,7 +79,7 @@ def test_write_zeroes_reads_back_as_zero(server, where, no_hole):
 
 
 @spec(
-    REQUESTS,
+    "Values / Transmission phase / Flag fields / Command flags",
     MUST,
     quote="The server MUST support the use of this flag if it advertises "
     "`NBD_FLAG_SEND_WRITE_ZEROES`.",
