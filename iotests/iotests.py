@@ -303,9 +303,10 @@ def _common_flags(o: ServerOptions) -> list[str]:
 
 
 def _nbdkit_argv(o: ServerOptions) -> list[str]:
-    # nbdkit has no connection limit and never exits after its last client.
-    if o.shared is not None or o.fork or not o.persistent:
-        raise ValueError("the nbdkit profile covers persistent servers without -e only")
+    # nbdkit has no connection limit (-e 0 is its only mode) and never exits
+    # after its last client.
+    if o.shared not in (None, 0) or o.fork or not o.persistent:
+        raise ValueError("the nbdkit profile covers persistent servers without a limit only")
     argv = ["nbdkit", "-U", str(o.socket), "-f"]
     if o.tls_dir is not None:
         argv += ["--tls=require", f"--tls-certificates={o.tls_dir}"]
