@@ -19,7 +19,7 @@ copyright = "the nbd-toolkit authors"
 release = version = "0.1.0"
 
 extensions = ["nbddocs"]
-exclude_patterns = ["_build", "traces/README.rst"]
+exclude_patterns = ["_build", "traces/README.rst", "spec"]
 templates_path: list[str] = []
 root_doc = "index"
 highlight_language = "none"

@@ -9,7 +9,7 @@ At build time it
 * runs ``docs/traces/capture.py --check``: the protocol tour's captured
   exchanges must match what the reference server does now;
 * generates the traceability page (``.. nbd-traceability::``) from the
-  headings of ``../shared/spec/proto.md`` and the ``@spec(...)`` tags of the
+  headings of ``docs/spec/proto.md`` and the ``@spec(...)`` tags of the
   conformance checks, found by static analysis (the suite is never imported);
 * renders the findings page (``.. nbd-findings::``) from ``reports/*.json``.
 
@@ -41,8 +41,8 @@ logger = logging.getLogger(__name__)
 
 DOCS = Path(__file__).resolve().parents[1]
 REPO = DOCS.parent
-SPEC = REPO.parent / "shared" / "spec" / "proto.md"
-EXT_SPEC = REPO.parent / "shared" / "spec" / "proto-extension-ext-header.md"
+SPEC = DOCS / "spec" / "proto.md"
+EXT_SPEC = DOCS / "spec" / "proto-extension-ext-header.md"
 SERVER_PAGE = "tools/nbd-reference-server"
 SUITE_PAGE = "tools/nbd-conformance"
 # Pages whose content comes from outside docs/: re-read on every build.
@@ -447,7 +447,7 @@ class TraceabilityDirective(SphinxDirective):
         if not SPEC.exists():
             logger.warning(
                 "the specification is missing: expected %s (the repository's "
-                "../shared/spec/proto.md); the traceability page cannot be generated",
+                "docs/spec/proto.md); the traceability page cannot be generated",
                 SPEC,
                 location=self.get_location(),
             )

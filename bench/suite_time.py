@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Wall time of the conformance suite against the reference server, serial and with xdist.
+
+    python bench/suite_time.py [--timeout 600] [--json FILE] [-- EXTRA PYTEST ARGS]
+
+Runs ``python -m pytest conformance --nbd-server=reference -q`` once as is and
+once with ``-n auto`` (issue 7's goal: the whole suite under 60 s on 2 cores),
+from the repository root, with the environment of ``tox -e reference``
+(PYTHONASYNCIODEBUG=0).  Each run is its own process group, ended by its id
+if it overruns the timeout.  The exit status is 1 if either run failed or
+timed out, so a regression in the suite shows up here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+KILL_GRACE = 10.0
+
+
+def pytest_argv(workers: str | None, extra: Sequence[str]) -> list[str]:
+    argv = [sys.executable, "-m", "pytest", "conformance", "--nbd-server=reference", "-q"]
+    if workers:
+        argv += ["-n", workers]
+    return argv + list(extra)
+
+
+def timed_run(argv: list[str], timeout: float) -> tuple[float, int | None, str]:
+    """Run ``argv``; return (seconds, exit status or None on timeout, last output line)."""
+    env = dict(os.environ, PYTHONASYNCIODEBUG="0")
+    start = time.monotonic()
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own group: a timeout ends pytest and its workers
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        status: int | None = process.returncode
+    except subprocess.TimeoutExpired:
+        _end_group(process)
+        output, _ = process.communicate(timeout=KILL_GRACE)
+        status = None
+    elapsed = time.monotonic() - start
+    lines = [line for line in (output or "").splitlines() if line.strip()]
+    return elapsed, status, lines[-1] if lines else ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), including those in other sessions.
+
+    Servers a test starts may live in their own session, out of reach of the
+    run's process group, so they are found by parentage and stopped by PID.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _end_group(process: subprocess.Popen[str]) -> None:
+    """SIGTERM the run and everything below it (by PID), then SIGKILL what remains."""
+    pids = [process.pid, *_descendants(process.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        for pid in pids[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + KILL_GRACE
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids[1:]):
+            time.sleep(0.1)
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            continue
+        if not any(_alive(pid) for pid in pids[1:]):
+            return
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--timeout", type=float, default=600, help="seconds per run; default 600")
+    p.add_argument("--workers", default="auto", help="value for -n in the parallel run")
+    p.add_argument("--json", metavar="FILE", help="also save the figures as JSON")
+    p.add_argument("extra", nargs="*", help="more pytest arguments (after --)")
+    args = p.parse_args(argv)
+    if not (REPO / "conformance").is_dir():
+        print(f"suite_time: no conformance/ directory in {REPO}", file=sys.stderr)
+        return 1
+    results = {}
+    failed = False
+    for label, workers in (("serial", None), (f"-n {args.workers}", args.workers)):
+        command = pytest_argv(workers, args.extra)
+        print(f"{label}: {' '.join(command[1:])}", flush=True)
+        elapsed, status, summary = timed_run(command, args.timeout)
+        verdict = "timed out" if status is None else f"exit {status}"
+        print(f"  {elapsed:7.1f} s  {verdict}  {summary}", flush=True)
+        results[label] = {"seconds": elapsed, "status": status, "summary": summary}
+        failed |= status != 0
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
