@@ -39,6 +39,11 @@ RECEIVE_BUFFER = 256 * 1024
 # so the transport never copies a whole payload into its own buffer.
 JOIN_BELOW = 64 * 1024
 WRITE_SLICE = 256 * 1024
+# Reply bytes a connection may have queued but not yet handed over before it
+# stops taking requests.  A full socket alone does not stop it: the client is
+# still reading, and stopping would serialise its I/O with ours.  Memory stays
+# bounded by the server-wide byte budget.
+MAX_UNSENT = 8 * 1024 * 1024
 # Requests of a blocking backend that move less than this run inline on the
 # event loop: a thread-pool round trip costs more than a cached 4 KiB pread.
 # Larger transfers, FLUSH and FUA (which wait for the disk) use the pool.
@@ -71,6 +76,7 @@ class Connection(asyncio.BufferedProtocol):
         # Reply bytes not yet handed to the transport; an int is the budget
         # to give back once everything before it has been handed over.
         self._out: deque[memoryview | int] = deque()
+        self._unsent = 0  # bytes in self._out
         self._inflight = 0
         self._write_paused = False
         self._pumping = False
@@ -327,7 +333,7 @@ class Connection(asyncio.BufferedProtocol):
     def _pump_requests(self, tx: Transmission, budget: ByteBudget, limit: int) -> None:
         while not self.closing:
             if self._queue:
-                if self._write_paused or self._inflight >= limit:
+                if self._unsent > MAX_UNSENT or self._inflight >= limit:
                     break
                 queued, taken = self._queue[0]
                 if not taken and not budget.try_take(_cost(queued)):
@@ -424,7 +430,10 @@ class Connection(asyncio.BufferedProtocol):
         if self.closing:
             self.server.budget.give(cost)
             return
-        self._out.extend(memoryview(b).cast("B") for b in buffers)
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            self._out.append(view)
+            self._unsent += len(view)
         if cost:
             self._out.append(cost)
         if not self._pumping:
@@ -433,6 +442,11 @@ class Connection(asyncio.BufferedProtocol):
     def _flush_out(self) -> None:
         """Hand queued replies to the transport: small ones joined, large ones in slices."""
         transport, out, budget = self.transport, self._out, self.server.budget
+        if transport is None or transport.is_closing():
+            budget.give(sum(item for item in out if isinstance(item, int)))
+            out.clear()
+            self._unsent = 0
+            return
         batch: list[memoryview] = []
         size = 0
         while out and not self._write_paused:
@@ -441,12 +455,9 @@ class Connection(asyncio.BufferedProtocol):
                 out.popleft()
                 budget.give(item)
                 continue
-            if transport is None or transport.is_closing():
-                out.clear()
-                break
             if len(item) >= JOIN_BELOW:
                 if batch:
-                    transport.write(b"".join(batch))
+                    self._write(b"".join(batch), size)
                     batch, size = [], 0
                     continue  # the write may have paused us
                 if len(item) > WRITE_SLICE:
@@ -454,16 +465,21 @@ class Connection(asyncio.BufferedProtocol):
                     item = item[:WRITE_SLICE]
                 else:
                     out.popleft()
-                transport.write(item)  # may call pause_writing() before returning
+                self._write(item, len(item))  # may call pause_writing() before returning
                 continue
             out.popleft()
             batch.append(item)
             size += len(item)
             if size >= JOIN_BELOW:
-                transport.write(b"".join(batch))
+                self._write(b"".join(batch), size)
                 batch, size = [], 0
-        if batch and transport is not None and not transport.is_closing():
-            transport.write(b"".join(batch))
+        if batch:
+            self._write(b"".join(batch), size)
+
+    def _write(self, data: bytes | memoryview, size: int) -> None:
+        assert self.transport is not None
+        self._unsent -= size
+        self.transport.write(data)
 
     def _update_reading(self) -> None:
         tx = self.transmission
@@ -471,7 +487,7 @@ class Connection(asyncio.BufferedProtocol):
         blocked = (
             self.finishing
             or bool(self._queue)
-            or self._write_paused
+            or self._unsent > MAX_UNSENT
             or self._inflight >= self.server.limits.max_inflight_requests
             or bool(tx.pending_payload and not self._payload_taken)
         )

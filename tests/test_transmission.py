@@ -890,6 +890,9 @@ class _FailingBackend(MemoryBackend):
     def pread(self, length: int, offset: int) -> bytes:
         raise OSError(self.err, "injected")
 
+    def pread_into(self, view: memoryview, offset: int, *, fresh: bool = False) -> None:
+        raise OSError(self.err, "injected")
+
 
 @pytest.mark.parametrize(
     ("err", "nbd"),

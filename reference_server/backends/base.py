@@ -41,6 +41,10 @@ class Backend(abc.ABC):
     def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
         """Return exactly ``length`` bytes from ``offset``."""
 
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        """Fill ``view`` from ``offset``: lets a reply be built in one buffer."""
+        view[:] = self.pread(len(view), offset)
+
     @abc.abstractmethod
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         """Write ``data``; with ``fua`` it is durable before returning."""

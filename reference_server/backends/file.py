@@ -79,6 +79,14 @@ class FileBackend(Backend):
             buf += more
         return buf
 
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, "file shrank underneath the export")
+            done += n
+
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         view = memoryview(data).cast("B")
         while view:

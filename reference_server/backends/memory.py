@@ -13,6 +13,7 @@ from .base import Backend, Extent
 
 PAGE_SIZE = 32 * 1024
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_ZERO_VIEW = memoryview(_ZERO_PAGE)
 _HOLE = StateFlag.HOLE | StateFlag.ZERO
 _DATA = StateFlag(0)
 
@@ -30,7 +31,12 @@ class MemoryBackend(Backend):
 
     def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
         out = bytearray(length)
-        view = memoryview(out)
+        self.pread_into(memoryview(out), offset, fresh=True)
+        return out
+
+    def pread_into(self, view: memoryview, offset: int, *, fresh: bool = False) -> None:
+        """Copy pages into ``view``; ``fresh`` says it is already zeroed (holes skipped)."""
+        length = len(view)
         pos = 0
         with self._lock:
             while pos < length:
@@ -39,8 +45,9 @@ class MemoryBackend(Backend):
                 page = self._pages.get(index)
                 if page is not None:
                     view[pos : pos + n] = page[start : start + n]
+                elif not fresh:
+                    view[pos : pos + n] = _ZERO_VIEW[:n]
                 pos += n
-        return out
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         src = memoryview(data).cast("B")

@@ -27,6 +27,7 @@ from .constants import (
     MAX_EXTENTS_PER_CHUNK,
     MAX_STRING_LENGTH,
     REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC,
     ChunkType,
     Command,
     CommandFlag,
@@ -82,6 +83,7 @@ _REQ_ONE = CommandFlag.REQ_ONE.value
 _FAST_ZERO = CommandFlag.FAST_ZERO.value
 _PAYLOAD_LEN = CommandFlag.PAYLOAD_LEN.value
 _DONE = ReplyFlag.DONE
+_ZERO = StateFlag.ZERO.value
 _NOT_DONE = ReplyFlag(0)
 
 
@@ -379,22 +381,25 @@ class Transmission:
         return [wire.pack_simple_reply(error, request.cookie)]
 
     def _read(self, request: Request, backend: Backend) -> list[Buffer]:
+        """A read reply, each data part built in one buffer the backend reads into."""
         length, offset = request.length, request.offset
         if not self._structured:
-            data = backend.pread(length, offset) if length else b""
+            reply = bytearray(wire.SIMPLE_REPLY.size + length)
+            wire.SIMPLE_REPLY.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, request.cookie)
+            if length:
+                backend.pread_into(memoryview(reply)[wire.SIMPLE_REPLY.size :], offset)
             self._trace_reply(request, "simple reply", error=Errno.OK, length=length)
-            return [wire.pack_simple_reply(0, request.cookie), data]
+            return [reply]
         if length == 0:
-            return self._chunks(request, [])
+            self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
+            return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
         if request.flags & _DF:
             # DF: at most one content chunk, zeroes written out explicitly.
-            return self._chunks(request, [(offset, backend.pread(length, offset))])
+            return [self._data_chunk(request, _DONE, offset, length, backend)]
         # Runs of data and of zeroes: zeroes become OFFSET_HOLE chunks.
         runs: list[tuple[int, int, bool]] = []
         pos, end = offset, offset + length
-        extents = [
-            (e.length, bool(e.flags & StateFlag.ZERO)) for e in backend.read_extents(length, offset)
-        ]
+        extents = [(e.length, bool(e.flags & _ZERO)) for e in backend.read_extents(length, offset)]
         for extent_length, zero in [*extents, (end, False)]:  # a data tail if short
             if pos >= end:
                 break
@@ -404,45 +409,46 @@ class Transmission:
             else:
                 runs.append((pos, n, zero))
             pos += n
-        pieces: list[tuple[int, Buffer | int]] = [
-            (start, n) if zero else (start, backend.pread(n, start)) for start, n, zero in runs
-        ]
-        return self._chunks(request, pieces)
-
-    def _chunks(self, request: Request, pieces: list[tuple[int, Buffer | int]]) -> list[Buffer]:
-        """OFFSET_DATA (bytes) and OFFSET_HOLE (int length) chunks; the last is DONE."""
         out: list[Buffer] = []
-        if not pieces:
-            self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
-            return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
-        last = len(pieces) - 1
-        for i, (offset, value) in enumerate(pieces):
+        last = len(runs) - 1
+        for i, (start, n, zero) in enumerate(runs):
             flags = _DONE if i == last else _NOT_DONE
-            if isinstance(value, int):
-                payload = wire.OFFSET_HOLE.pack(offset, value)
-                out += [wire.pack_chunk_header(request, flags, ChunkType.OFFSET_HOLE, 12), payload]
+            if not zero:
+                out.append(self._data_chunk(request, flags, start, n, backend))
+                continue
+            header = wire.pack_chunk_header(request, flags, ChunkType.OFFSET_HOLE, 12)
+            out.append(header + wire.OFFSET_HOLE.pack(start, n))
+            if self._trace:
                 self._trace_reply(
                     request,
                     "chunk",
                     type=ChunkType.OFFSET_HOLE,
                     flags=flags,
-                    offset=offset,
-                    length=value,
-                )
-            else:
-                header = wire.pack_chunk_header(
-                    request, flags, ChunkType.OFFSET_DATA, 8 + len(value)
-                )
-                out += [header, wire.OFFSET_DATA_PREFIX.pack(offset), value]
-                self._trace_reply(
-                    request,
-                    "chunk",
-                    type=ChunkType.OFFSET_DATA,
-                    flags=flags,
-                    offset=offset,
-                    length=len(value),
+                    offset=start,
+                    length=n,
                 )
         return out
+
+    def _data_chunk(
+        self, request: Request, flags: ReplyFlag, offset: int, length: int, backend: Backend
+    ) -> bytearray:
+        """One NBD_REPLY_TYPE_OFFSET_DATA chunk: header, offset and data in one buffer."""
+        header = wire.pack_chunk_header(request, flags, ChunkType.OFFSET_DATA, 8 + length)
+        start = len(header) + wire.OFFSET_DATA_PREFIX.size
+        chunk = bytearray(start + length)
+        chunk[: len(header)] = header
+        wire.OFFSET_DATA_PREFIX.pack_into(chunk, len(header), offset)
+        backend.pread_into(memoryview(chunk)[start:], offset)
+        if self._trace:
+            self._trace_reply(
+                request,
+                "chunk",
+                type=ChunkType.OFFSET_DATA,
+                flags=flags,
+                offset=offset,
+                length=length,
+            )
+        return chunk
 
     def _block_status(self, request: Request, backend: Backend) -> list[Buffer]:
         extents = backend.extents(request.length, request.offset)
