@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests in flight per connection before reading pauses (default 64)",
     )
     limits.add_argument(
+        "--max-inflight-bytes",
+        metavar="SIZE",
+        type=parse_size,
+        default=64 << 20,
+        help="request and reply bytes held in memory, server-wide (default 64M)",
+    )
+    limits.add_argument(
         "--minimum-block-size",
         metavar="SIZE",
         type=parse_size,
@@ -348,6 +355,7 @@ async def _serve(
         handshake_timeout=args.handshake_timeout,
         max_handshaking=args.max_handshaking or 1 << 30,
         max_inflight_requests=args.max_inflight or 1 << 30,
+        max_inflight_bytes=args.max_inflight_bytes,
     )
     server = NBDServer(
         [Export(info, backend)],
