@@ -341,6 +341,8 @@ def start_server(
     def start(config: ServerConfig | None = None) -> Server:
         config = ServerConfig() if config is None else config
         try:
+            if config.minimum_block_size != 1 and not nbd_profile.sets_minimum_block_size:
+                raise ProfileCannotDo("no way to set a minimum block size")
             nbd_profile.check_config(config)
         except ProfileCannotDo as err:
             pytest.skip(f"{nbd_profile.name} cannot be configured with {config.describe()}: {err}")

@@ -8,6 +8,7 @@ import nbd
 import pytest
 
 from conformance.data import pattern
+from conformance.servers import ServerConfig
 from conformance.spec import (
     MUST,
     SHOULD,
@@ -165,8 +166,8 @@ def test_reserved_status_flags_are_zero(server):
     "multiple of any advertised minimum block size, with an obvious exception at the end of "
     "the image if the image size itself is unaligned.",
 )
-def test_descriptor_lengths_are_multiples_of_minimum_block_size(server):
-    h = _connect(server)
+def test_descriptor_lengths_are_multiples_of_minimum_block_size(start_server):
+    h = _connect(start_server(ServerConfig(minimum_block_size=512)))
     minimum = h.get_block_size(nbd.SIZE_MINIMUM)
     if minimum <= 1:
         unsupported("the server advertises no minimum block size above 1")

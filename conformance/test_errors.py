@@ -14,6 +14,7 @@ import nbd
 import pytest
 
 from conformance.data import pattern
+from conformance.servers import ServerConfig
 from conformance.spec import MUST, SHOULD, expect, expect_data, expect_nbd_error, spec, unsupported
 
 ERRORS = "Values / Transmission phase / Error values"
@@ -104,7 +105,8 @@ def test_request_beyond_the_end_fails_without_corrupting_data(server, command):
     "including one or more sectors beyond the size of the device, or if a read or write "
     "request is not aligned to advertised minimum block sizes.",
 )
-def test_unaligned_request_gets_einval(server, command):
+def test_unaligned_request_gets_einval(start_server, command):
+    server = start_server(ServerConfig(minimum_block_size=512))
     h = server.connect(strict=0)
     minimum = h.get_block_size(nbd.SIZE_MINIMUM)
     if minimum <= 1:

@@ -39,6 +39,9 @@ class ServerConfig:
     export_name: str = ""
     description: str | None = None
     tls: bool = False
+    # A minimum block size to advertise and enforce ("Size constraints"); 1 is
+    # the default constraint, which every server can do.
+    minimum_block_size: int = 1
 
     def describe(self) -> str:
         """Only the fields that differ from the default, for skip reasons."""
@@ -283,6 +286,8 @@ class Profile:
     deviations: tuple[Deviation, ...] = ()
     #: Whether the suite starts the server itself (False for --uri).
     starts_servers = True
+    #: Whether the server can be told to advertise a minimum block size above 1.
+    sets_minimum_block_size = False
 
     def check_config(self, config: ServerConfig) -> None:
         """Raise ProfileCannotDo if the server cannot be put in CONFIG."""

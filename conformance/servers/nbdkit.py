@@ -17,6 +17,7 @@ class Nbdkit(Profile):
     """
 
     name = "nbdkit"
+    sets_minimum_block_size = True
     deviations = (
         Deviation(
             "test_single_connection_does_not_advertise_multi_conn",
@@ -42,6 +43,15 @@ class Nbdkit(Profile):
             assert tls_dir is not None
             argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
         params: list[str] = []
+        if config.minimum_block_size != 1:
+            # blocksize-policy advertises the sizes and errors what breaks them.
+            argv.append("--filter=blocksize-policy")
+            params += [
+                f"blocksize-minimum={config.minimum_block_size}",
+                f"blocksize-preferred={max(4096, config.minimum_block_size)}",
+                "blocksize-maximum=33554432",
+                "blocksize-error-policy=error",
+            ]
         if config.shared:
             argv.append("--filter=limit")
             params.append(f"limit={config.shared}")

@@ -21,6 +21,7 @@ class Reference(Profile):
 
     name = "reference"
     deviations: tuple[Deviation, ...] = ()
+    sets_minimum_block_size = True
 
     def command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
@@ -40,6 +41,8 @@ class Reference(Profile):
             "--memory",
             str(config.size),
         ]
+        if config.minimum_block_size != 1:
+            argv.append(f"--minimum-block-size={config.minimum_block_size}")
         if config.read_only:
             argv.append("-r")
         if config.description is not None:
