@@ -9,6 +9,7 @@ formatted with these placeholders:
 ``{description}``  the export description
 ``{shared}``       the connection limit (0 = unlimited)
 ``{tls_dir}``      directory with ca-cert.pem, server-cert.pem, server-key.pem
+``{minimum_block_size}`` the minimum block size to advertise and enforce (1 = none)
 ``{read_only:W}``  the word W when the export must be read-only, else nothing
 ``{tls:W}``        the word W when TLS is required, else nothing
 
@@ -63,9 +64,11 @@ class CommandProfile(Profile):
             "tls_dir",
             "read_only",
             "tls",
+            "minimum_block_size",
         }
         if unknown:
             raise ValueError(f"--server-cmd: unknown placeholders {sorted(unknown)}")
+        self.sets_minimum_block_size = "minimum_block_size" in self.fields
 
     def check_config(self, config: ServerConfig) -> None:
         needs = {
@@ -97,6 +100,7 @@ class CommandProfile(Profile):
             "tls_dir": tls_dir or "",
             "read_only": config.read_only,
             "tls": config.tls,
+            "minimum_block_size": config.minimum_block_size,
         }
         formatter = _Formatter()
         argv = []
