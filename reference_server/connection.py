@@ -6,8 +6,8 @@ that will reach the backend.  Requests are served concurrently when the
 backend blocks (a thread pool), and replies may leave out of order ("Protocol
 phases / Transmission": "Replies need not be sent in the same order as
 requests").  Three things stop the connection from reading more: too many
-requests in flight, the server-wide byte budget, and a client that does not
-read its replies (the transport's write buffer is full).
+requests in flight, the server-wide byte budget (budget.py), and a client that
+does not read its replies (8 MiB of them queued, replies.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
 from .protocol.transmission import Buffer, Transmission
+from .replies import ReplyQueue
 
 if TYPE_CHECKING:
     from .server import NBDServer
@@ -34,11 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("reference_server")
 
 RECEIVE_BUFFER = 256 * 1024
-# Replies smaller than this are joined into one write (one syscall).  Larger
-# ones are handed to the transport a slice at a time, as the socket drains,
-# so the transport never copies a whole payload into its own buffer.
-JOIN_BELOW = 64 * 1024
-WRITE_SLICE = 256 * 1024
 # Reply bytes a connection may have queued but not yet handed over before it
 # stops taking requests.  A full socket alone does not stop it: the client is
 # still reading, and stopping would serialise its I/O with ours.  Memory stays
@@ -48,6 +44,7 @@ MAX_UNSENT = 8 * 1024 * 1024
 # event loop: a thread-pool round trip costs more than a cached 4 KiB pread.
 # Larger transfers, FLUSH and FUA (which wait for the disk) use the pool.
 INLINE_BELOW = 64 * 1024
+_FUA = CommandFlag.FUA.value
 
 
 def _cost(event: events.Command) -> int:
@@ -73,12 +70,8 @@ class Connection(asyncio.BufferedProtocol):
         self._into_payload = False
         self._queue: deque[tuple[events.Command, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
-        # Reply bytes not yet handed to the transport; an int is the budget
-        # to give back once everything before it has been handed over.
-        self._out: deque[memoryview | int] = deque()
-        self._unsent = 0  # bytes in self._out
+        self._replies = ReplyQueue(server.budget)
         self._inflight = 0
-        self._write_paused = False
         self._pumping = False
         self._reading = True
         self.idle = asyncio.Event()
@@ -202,11 +195,11 @@ class Connection(asyncio.BufferedProtocol):
         return None  # the client is gone: close our side too
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._replies.paused = True
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._flush_out()
+        self._replies.paused = False
+        self._replies.flush(self.transport)
         if self.transmission is not None:
             self._pump()
 
@@ -222,10 +215,9 @@ class Connection(asyncio.BufferedProtocol):
         # Give back what this connection held; in-flight commands give their own.
         returned = self._payload_taken
         returned += sum(_cost(event) for event, taken in self._queue if taken)
-        returned += sum(item for item in self._out if isinstance(item, int))
         self._payload_taken = 0
         self._queue.clear()
-        self._out.clear()
+        self._replies.discard()
         budget.give(returned)
         self._update_idle()
         if self.counted:
@@ -333,7 +325,7 @@ class Connection(asyncio.BufferedProtocol):
     def _pump_requests(self, tx: Transmission, budget: ByteBudget, limit: int) -> None:
         while not self.closing:
             if self._queue:
-                if self._unsent > MAX_UNSENT or self._inflight >= limit:
+                if self._replies.unsent > MAX_UNSENT or self._inflight >= limit:
                     break
                 queued, taken = self._queue[0]
                 if not taken and not budget.try_take(_cost(queued)):
@@ -381,7 +373,7 @@ class Connection(asyncio.BufferedProtocol):
         request = event.request
         if backend.blocking and (
             request.command == Command.FLUSH
-            or request.flags & CommandFlag.FUA
+            or request.flags & _FUA
             or request.length >= INLINE_BELOW
         ):
             future = asyncio.get_running_loop().run_in_executor(
@@ -424,62 +416,15 @@ class Connection(asyncio.BufferedProtocol):
     def _send(self, buffers: list[Buffer], cost: int = 0) -> None:
         """Queue a reply; ``cost`` returns to the budget once it is all handed over.
 
-        Nothing is written until :meth:`_flush_out`, so the replies produced in
-        one pass of :meth:`_pump` leave in one system call.
+        During a pass of :meth:`_pump` nothing is written until the pass ends,
+        so its replies leave together.
         """
         if self.closing:
             self.server.budget.give(cost)
             return
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            self._out.append(view)
-            self._unsent += len(view)
-        if cost:
-            self._out.append(cost)
+        self._replies.add(buffers, cost)
         if not self._pumping:
-            self._flush_out()
-
-    def _flush_out(self) -> None:
-        """Hand queued replies to the transport: small ones joined, large ones in slices."""
-        transport, out, budget = self.transport, self._out, self.server.budget
-        if transport is None or transport.is_closing():
-            budget.give(sum(item for item in out if isinstance(item, int)))
-            out.clear()
-            self._unsent = 0
-            return
-        batch: list[memoryview] = []
-        size = 0
-        while out and not self._write_paused:
-            item = out[0]
-            if isinstance(item, int):
-                out.popleft()
-                budget.give(item)
-                continue
-            if len(item) >= JOIN_BELOW:
-                if batch:
-                    self._write(b"".join(batch), size)
-                    batch, size = [], 0
-                    continue  # the write may have paused us
-                if len(item) > WRITE_SLICE:
-                    out[0] = item[WRITE_SLICE:]
-                    item = item[:WRITE_SLICE]
-                else:
-                    out.popleft()
-                self._write(item, len(item))  # may call pause_writing() before returning
-                continue
-            out.popleft()
-            batch.append(item)
-            size += len(item)
-            if size >= JOIN_BELOW:
-                self._write(b"".join(batch), size)
-                batch, size = [], 0
-        if batch:
-            self._write(b"".join(batch), size)
-
-    def _write(self, data: bytes | memoryview, size: int) -> None:
-        assert self.transport is not None
-        self._unsent -= size
-        self.transport.write(data)
+            self._replies.flush(self.transport)
 
     def _update_reading(self) -> None:
         tx = self.transmission
@@ -487,7 +432,7 @@ class Connection(asyncio.BufferedProtocol):
         blocked = (
             self.finishing
             or bool(self._queue)
-            or self._unsent > MAX_UNSENT
+            or self._replies.unsent > MAX_UNSENT
             or self._inflight >= self.server.limits.max_inflight_requests
             or bool(tx.pending_payload and not self._payload_taken)
         )
