@@ -1,0 +1,37 @@
+"""A BROKEN reference server: answers NBD_EINVAL where NBD_EPERM is due.
+
+"Values / Transmission phase / Error values": a server SHOULD return NBD_EPERM
+for a write or trim request on a read-only export (and "Request types": for a
+write zeroes request too).  This one still refuses them, and so keeps the MUST
+of NBD_FLAG_READ_ONLY, but with NBD_EINVAL.  For the project's own tests only
+(tests/test_suite_can_fail.py).
+
+    einval_not_eperm.py [reference server options...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from reference_server import cli, connection
+    from reference_server.protocol.constants import Errno
+    from reference_server.protocol.transmission import RequestRejected, Transmission
+    from reference_server.protocol.wire import Request
+
+    class EinvalTransmission(Transmission):
+        def validate(self, request: Request, payload_length: int) -> RequestRejected | None:
+            rejected = super().validate(request, payload_length)
+            if rejected is not None and rejected.error == Errno.EPERM:
+                return RequestRejected(Errno.EINVAL, rejected.message)
+            return rejected
+
+    setattr(connection, "Transmission", EinvalTransmission)  # noqa: B010 - patch the name
+    return cli.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

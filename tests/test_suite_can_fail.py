@@ -1,0 +1,285 @@
+"""The conformance suite's important checks can fail: slices of it run against broken servers.
+
+Each server in tests/broken_servers/ is the reference server with one bug
+patched in (a per-connection cache behind NBD_FLAG_CAN_MULTI_CONN, MULTI_CONN
+under a connection limit of 1, EINVAL where EPERM is due, options acted on
+across STARTTLS).  Each test runs the slice of the suite that guards against
+that bug, as a user would (``pytest conformance --server-cmd ... --report``),
+and asserts from the JSON report that exactly the checks guarding against the
+bug fail (or warn, for a SHOULD), and that every other check of the slice
+passes or is unsupported: a check that fails against everything proves as
+little as one that never fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BROKEN = Path(__file__).resolve().parent / "broken_servers"
+# The reference server's own options, filled in by the suite per configuration.
+OPTIONS = (
+    "-k {socket} -t -e {shared} -x {export} -D {description} --memory {size} "
+    "{read_only:-r} {tls:--tls-creds={tls_dir}}"
+)
+RUN_TIMEOUT = 120
+
+
+@dataclass
+class Run:
+    """The verdicts of one run of the suite, by check ID (function name and parameters)."""
+
+    outcomes: dict[str, str]
+    messages: dict[str, str]
+    output: str
+
+    def having(self, *outcomes: str) -> set[str]:
+        return {check for check, outcome in self.outcomes.items() if outcome in outcomes}
+
+    def assert_verdicts(
+        self, failed: AbstractSet[str] = frozenset(), warnings: AbstractSet[str] = frozenset()
+    ) -> None:
+        """Exactly FAILED fail and WARNINGS warn; everything else passes or is unsupported."""
+        assert self.having("failed", "error") == failed, self.output
+        assert self.having("warning") == warnings, self.output
+        others = set(self.outcomes) - failed - warnings
+        assert self.having("passed", "unsupported") == others, self.output
+
+
+def run_suite(tmp_path: Path, launcher: str, *selection: str, strict: bool = False) -> Run:
+    """``pytest conformance -n 2 --server-cmd '<launcher> OPTIONS' SELECTION`` in a subprocess."""
+    report = tmp_path / "report.json"
+    template = f"{sys.executable} {BROKEN / launcher} {OPTIONS}"
+    argv = [sys.executable, "-m", "pytest", *selection, "-n", "2", "-q"]
+    argv += ["--server-cmd", template, f"--report={report}"]
+    if strict:
+        argv.append("--nbd-strict")
+    # The outer pytest (maybe an xdist worker) must not leak into the inner one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: pytest and workers
+        output, _ = proc.communicate(timeout=10)
+        pytest.fail(f"the suite ran longer than {RUN_TIMEOUT}s:\n{output[-4000:]}")
+    assert proc.returncode in (0, 1), output[-4000:]
+    document = json.loads(report.read_text())
+    assert document["profile"] == "command"
+    assert document["strict"] is strict
+    checks = document["checks"]
+    ids = [c["id"] for c in checks]
+    assert len(set(ids)) == len(ids), "check IDs of the slice are not unique"
+    return Run(
+        outcomes={c["id"]: c["outcome"] for c in checks},
+        messages={c["id"]: c["message"] for c in checks},
+        output=output[-6000:],
+    )
+
+
+# ------------------------------------------------- a per-connection cache under MULTI_CONN
+
+VISIBILITY = "test_flush_or_fua_makes_writes_visible_on_every_connection"
+# test_multiconn.py's parameters: operation, roles (A writes, B or A flushes or the write
+# carries FUA, some connection reads) and whether the reader read the old data first.
+VISIBILITY_ID = re.compile(
+    rf"{VISIBILITY}\[(?P<operation>write|write-zeroes|trim)-"
+    r"write-(?:fua-)?(?P<writer>[ABC])\.(?:flush-(?P<syncer>[ABC])\.)?read-(?P<reader>[ABC])"
+    r"-(?P<primed>reader-read-first)?\]"
+)
+
+
+def visibility_failures(run: Run, fails: Callable[..., bool]) -> set[str]:
+    """The parametrised visibility checks for which FAILS(operation, w, s, r, primed) holds."""
+    expected = set()
+    for check in run.outcomes:
+        if check.startswith(VISIBILITY + "["):
+            m = VISIBILITY_ID.fullmatch(check)
+            assert m is not None, f"unknown parameters: {check}"
+            args = m["operation"], m["writer"], m["syncer"], m["reader"], bool(m["primed"])
+            if fails(*args):
+                expected.add(check)
+    # 3 operations x 5 role patterns x primed or not: none may silently vanish.
+    assert sum(c.startswith(VISIBILITY + "[") for c in run.outcomes) == 30
+    return expected
+
+
+MULTICONN = "conformance/test_multiconn.py"
+CONCURRENT = "test_concurrent_writers_on_disjoint_ranges_lose_nothing"
+MODEL_FILE = "conformance/test_model.py"
+MODEL = "test_random_command_sequences_match_the_model"
+
+
+def test_cache_written_back_only_at_disconnect(tmp_path: Path) -> None:
+    """Flush and FUA do nothing: a reader other than the writer sees none of its writes.
+
+    Write-zeroes and trim are caught only where the reader first read the
+    old data: otherwise the old data never left the writer either, and the
+    reader's zeroes are what it should see."""
+    run = run_suite(
+        tmp_path,
+        "per_connection_cache.py write-back-at-disconnect",
+        MULTICONN,
+        MODEL_FILE,
+    )
+
+    def fails(operation, writer, syncer, reader, primed):
+        return reader != writer and (operation == "write" or primed)
+
+    expected = visibility_failures(run, fails) | {CONCURRENT, MODEL}
+    assert len(expected) == 18
+    run.assert_verdicts(failed=expected)
+    assert "all stripes read on a fifth connection" in run.messages[CONCURRENT]
+    assert "Failing test case" in run.messages[MODEL]  # hypothesis's minimal sequence
+
+
+def test_cache_flush_writes_back_only_its_own_connection(tmp_path: Path) -> None:
+    """FLUSH and FUA write back the sender's cache only: a flush on B leaves A's writes
+    unseen by B and C, and A's cached trim disagrees with what B and C read.  Whole pages
+    written back from stale copies also lose the concurrent writers' stripes."""
+    run = run_suite(
+        tmp_path, "per_connection_cache.py flush-writes-back-own", MULTICONN, MODEL_FILE
+    )
+
+    def fails(operation, writer, syncer, reader, primed):
+        return syncer not in (None, writer) and (reader != writer or operation == "trim")
+
+    expected = visibility_failures(run, fails) | {CONCURRENT, MODEL}
+    assert len(expected) == 16
+    run.assert_verdicts(failed=expected)
+
+
+def test_stale_read_cache(tmp_path: Path) -> None:
+    """Writes are shared at once, but a reader that read the old data keeps serving it:
+    only the reader-read-first variants (the nbd-multiconn iotest scenario) can see it."""
+    run = run_suite(tmp_path, "per_connection_cache.py stale-read-cache", MULTICONN, MODEL_FILE)
+
+    def fails(operation, writer, syncer, reader, primed):
+        return primed and reader != writer
+
+    expected = visibility_failures(run, fails)
+    assert len(expected) == 12
+    run.assert_verdicts(failed=expected | {MODEL})
+    for check in expected:
+        assert "first difference" in run.messages[check]
+
+
+# -------------------------------------------------- MULTI_CONN under a connection limit of 1
+
+LIMIT_CHECKS = "multi_conn or connection_limit"
+READ_ONLY_REGRESSION = "test_readonly_single_connection_does_not_advertise_multi_conn"
+LIMIT_OF_ONE = "test_single_connection_does_not_advertise_multi_conn"
+
+
+def test_multi_conn_on_read_only_exports_whatever_the_limit(tmp_path: Path) -> None:
+    """qemu-nbd's ``-r`` without ``-e`` regression: only the check named after it fails;
+    the read-only checks still pass (the export is read-only, and correctly so)."""
+    run = run_suite(
+        tmp_path,
+        "multi_conn_single_connection.py read-only",
+        MULTICONN,
+        "conformance/test_readonly.py",
+        "-k",
+        f"{LIMIT_CHECKS} or test_readonly",
+    )
+    assert len(run.outcomes) == 12
+    run.assert_verdicts(failed={READ_ONLY_REGRESSION})
+    assert "advertised, and a second connection failed" in run.messages[READ_ONLY_REGRESSION]
+
+
+def test_multi_conn_always(tmp_path: Path) -> None:
+    run = run_suite(
+        tmp_path, "multi_conn_single_connection.py always", MULTICONN, "-k", LIMIT_CHECKS
+    )
+    assert len(run.outcomes) == 4
+    run.assert_verdicts(failed={READ_ONLY_REGRESSION, LIMIT_OF_ONE})
+
+
+# ------------------------------------------------------- EINVAL where EPERM is due (SHOULD)
+
+EPERM_CHECKS = {
+    "test_write_and_trim_get_eperm[write]",
+    "test_write_and_trim_get_eperm[trim]",
+    "test_write_zeroes_gets_eperm",
+}
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "nbd-strict"])
+def test_einval_instead_of_eperm(tmp_path: Path, strict: bool) -> None:
+    """A SHOULD: a warning by default, a failure with --nbd-strict.  The MUST (refuse the
+    write, change nothing) still holds, and its checks pass."""
+    run = run_suite(tmp_path, "einval_not_eperm.py", "conformance/test_readonly.py", strict=strict)
+    assert len(run.outcomes) == 8
+    if strict:
+        run.assert_verdicts(failed=EPERM_CHECKS)
+    else:
+        run.assert_verdicts(warnings=EPERM_CHECKS)
+    for check in EPERM_CHECKS:
+        assert "expected error EPERM (1), actual error EINVAL (22)" in run.messages[check]
+
+
+# ------------------------------------------------------------- acting on data sent in clear
+
+TLS_CHECKS = ("conformance/test_tls.py", "conformance/test_cves.py", "-k", "tls or 3716 or 14850")
+CVE_2021_3716 = (
+    "test_cve_2021_3716_plaintext_state_does_not_survive_starttls[structured-reply]",
+    "test_cve_2021_3716_plaintext_state_does_not_survive_starttls[meta-context]",
+)
+
+
+def test_clear_text_options_answered_and_kept_across_starttls(tmp_path: Path) -> None:
+    """CVE-2021-3716 as nbdkit had it: STRUCTURED_REPLY and SET_META_CONTEXT answered in
+    clear (two FORCEDTLS failures) and still in force after STARTTLS (the CVE check)."""
+    run = run_suite(tmp_path, "starttls_keeps_clear_state.py answered", *TLS_CHECKS)
+    assert len(run.outcomes) == 22
+    run.assert_verdicts(
+        failed={
+            "test_option_before_starttls_gets_tls_reqd[structured_reply]",
+            "test_option_before_starttls_gets_tls_reqd[set_meta_context]",
+            *CVE_2021_3716,
+        }
+    )
+
+
+def test_clear_text_options_refused_yet_kept_across_starttls(tmp_path: Path) -> None:
+    """The reply in clear is the right ERR_TLS_REQD, yet the options took effect: only the
+    CVE check, which looks at what happens after STARTTLS, can tell."""
+    run = run_suite(
+        tmp_path,
+        "starttls_keeps_clear_state.py silent",
+        *TLS_CHECKS[:2],
+        "-k",
+        "tls_reqd or 3716",
+    )
+    assert len(run.outcomes) == 13
+    run.assert_verdicts(failed=set(CVE_2021_3716))
+    assert "expected 'a simple reply'" in run.messages[CVE_2021_3716[0]]
+
+
+def test_option_pipelined_behind_starttls_answered_in_clear(tmp_path: Path) -> None:
+    run = run_suite(tmp_path, "starttls_answers_buffered.py", *TLS_CHECKS)
+    assert len(run.outcomes) == 22
+    check = "test_option_sent_with_starttls_is_not_answered_in_clear"
+    run.assert_verdicts(failed={check})
+    assert "no plaintext reply to the buffered NBD_OPT_LIST" in run.messages[check]
