@@ -314,11 +314,16 @@ def _nbdkit_argv(o: ServerOptions) -> list[str]:
         argv.append("-r")
     if o.export_name is not None:
         argv += ["-e", o.export_name]
+    params = []
     if o.description is not None:
-        argv += ["-D", f"description={o.description}"]
+        # nbdkit's -D is for debug flags; descriptions come from a filter.
+        argv.append("--filter=exportname")
+        params.append(f"exportdesc=fixed:{o.description}")
+        if o.export_name is not None:
+            params.append(f"exportname={o.export_name}")
     if o.memory is not None:
-        return [*argv, "memory", o.memory]
-    return [*argv, "file", str(o.image)]
+        return [*argv, "memory", o.memory, *params]
+    return [*argv, "file", str(o.image), *params]
 
 
 PROFILES: dict[str, Callable[[ServerOptions], list[str]]] = {
