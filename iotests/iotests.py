@@ -320,7 +320,7 @@ def _nbdkit_argv(o: ServerOptions) -> list[str]:
         argv.append("--filter=exportname")
         params.append(f"exportdesc=fixed:{o.description}")
         if o.export_name is not None:
-            params.append(f"exportname={o.export_name}")
+            params += ["exportname-list=explicit", f"exportname={o.export_name}"]
     if o.memory is not None:
         return [*argv, "memory", o.memory, *params]
     return [*argv, "file", str(o.image), *params]
