@@ -48,6 +48,9 @@ class ReplyQueue:
         batch: list[memoryview] = []
         size = 0
         while items and not self.paused:
+            if transport.is_closing():  # the client hung up during this flush
+                self.discard()
+                return
             item = items[0]
             if isinstance(item, int):
                 items.popleft()

@@ -20,6 +20,18 @@ class Nbdkit(Profile):
     sets_minimum_block_size = True
     deviations = (
         Deviation(
+            "test_bad_magic_right_after_a_request_that_fails",
+            "Protocol phases / Transmission / Terminating the transmission phase",
+            "nbdkit 1.32 aborts (connections.c:402: raw_send_socket: Assertion 'sock >= 0' "
+            "failed) when a bad request magic arrives while error replies are pending",
+        ),
+        Deviation(
+            "test_fuzzed_requests_leave_the_server_serving_and_the_data_intact",
+            "Protocol phases / Transmission / Terminating the transmission phase",
+            "the same abort, reached by some fuzzed request streams (a race: not every run)",
+            intermittent=True,
+        ),
+        Deviation(
             "test_single_connection_does_not_advertise_multi_conn",
             "Values / Handshake phase / Flag fields / Transmission flags",
             "nbdkit 1.32 with the limit filter (limit=1) still advertises "
