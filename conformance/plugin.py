@@ -274,7 +274,8 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         for r in sorted(not_run, key=lambda r: r.nodeid):
             tr.write_line(f"NOT RUN {r.id} [{r.section}]")
     tr.write_sep("=", f"NBD conformance: {describe_target(config, profile)}")
-    for line in render_table(section_table(results), width=tr._tw.fullwidth):
+    # Full section paths are the point of the table: do not squeeze it to 80 columns.
+    for line in render_table(section_table(results), width=max(tr._tw.fullwidth, 140)):
         tr.write_line(line)
     path = config.getoption("report")
     if path:
