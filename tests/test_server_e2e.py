@@ -12,7 +12,6 @@ command lines.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import nbd  # libnbd's bindings, from Debian's python3-libnbd
 import pytest
+
+from tests.processes import die_with_parent, stop, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROG = "nbd-reference-server"
@@ -46,32 +47,6 @@ class Server:
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
-
-
-def die_with_parent() -> None:
-    """In a server child: SIGTERM when the test process dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Terminate, wait with a timeout, then kill: never leave a process behind."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> None:
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def ours_command(*args: str) -> list[str]:

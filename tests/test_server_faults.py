@@ -13,7 +13,6 @@ and the connection limit (``-e 1``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import resource
@@ -34,6 +33,7 @@ import pytest
 
 from conformance.wire import Cmd, WireClient
 from conformance.wire.messages import pack_request
+from tests.processes import die_with_parent, stop, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -60,33 +60,12 @@ class Server:
 
 def _child_setup(fsize_limit: int | None) -> Callable[[], None]:
     def setup() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the test
+        die_with_parent()
         if fsize_limit is not None:
             # Python ignores SIGXFSZ, so writes past the limit fail with EFBIG.
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
     return setup
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-
-
-def wait_until(condition: Callable[[], bool], what: str, deadline: float = DEADLINE) -> float:
-    """Poll CONDITION until it holds; return the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > deadline:
-            raise AssertionError(f"timed out after {deadline} s waiting for {what}")
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 @pytest.fixture
