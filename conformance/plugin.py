@@ -27,10 +27,10 @@ import pytest
 
 from conformance.report import NOT_RUN_PREFIX, Collector, render_table, section_table, to_json
 from conformance.servers import PROFILES, Profile, ProfileCannotDo, Server, ServerConfig
-from conformance.servers.certs import make_credentials
 from conformance.servers.command import CommandProfile
 from conformance.servers.uri import UriProfile
 from conformance.spec import MARKER, UNSUPPORTED_PREFIX, Level
+from conformance.tlsutil import generate as generate_credentials
 
 #: Seconds a single check may take before pytest-timeout ends it.
 CHECK_TIMEOUT = 60
@@ -320,7 +320,7 @@ def tls_credentials() -> Iterator[Callable[[], str]]:
 
     def get() -> str:
         if not made:
-            made.append(make_credentials(_short_tmpdir("nbd-tls-")))
+            made.append(generate_credentials(_short_tmpdir("nbd-tls-")).directory)
         return str(made[0])
 
     yield get
