@@ -388,3 +388,30 @@ def test_bad_command_line_exits_nonzero_with_a_short_message(
     assert len(lines) <= 2, f"expected a one-line message (plus a --help hint):\n{err}"
     assert done.stdout == b""
     assert not sock.exists()
+
+
+def test_tls_verify_peer_requires_a_client_certificate(
+    launch: Callable[..., Server], tmp_path: Path
+) -> None:
+    """--tls-verify-peer: a client without a certificate signed by the CA is not served."""
+    from conformance import tlsutil  # the suite's generator; tests may share it
+
+    creds = tlsutil.generate(tmp_path / "creds").directory
+    ca_only = tmp_path / "ca-only"
+    ca_only.mkdir()
+    shutil.copy(creds / "ca-cert.pem", ca_only / "ca-cert.pem")
+    server = launch("ours", "-t", f"--tls-creds={creds}", "--tls-verify-peer", "--memory", "1M")
+    wait_until(server.sock.exists, "the TLS server to listen")
+
+    def nbdinfo_size(certificates: Path) -> subprocess.CompletedProcess[str]:
+        uri = f"nbds+unix:///?socket={server.sock}&tls-certificates={certificates}"
+        return subprocess.run(
+            ["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    refused = nbdinfo_size(ca_only)
+    assert refused.returncode != 0, "served a client that presented no certificate"
+    served = nbdinfo_size(creds)
+    assert served.returncode == 0, served.stderr
+    assert served.stdout.strip() == str(1 << 20)
+    assert server.proc.poll() is None, "the server died on the refused handshake"
