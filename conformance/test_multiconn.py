@@ -92,6 +92,16 @@ def test_flush_or_fua_makes_writes_visible_on_every_connection(server, operation
         writer.pwrite(old, OFFSET, nbd.CMD_FLAG_FUA)
     if primed:
         expect_data(reader.pread(LENGTH, OFFSET), old, "reader's read of the old data")
+    else:
+        # The old data must already be visible on a connection that neither wrote it
+        # nor reads later: otherwise zeroes from a server that never shares writes
+        # would pass for the effect of write-zeroes or trim.
+        bystander = next(i for i in range(3) if i not in (w, r))
+        expect_data(
+            conns[bystander].pread(LENGTH, OFFSET),
+            old,
+            f"old data, flushed on {'ABC'[w]}, read on {'ABC'[bystander]}",
+        )
     _apply(writer, operation, fua)
     if syncer is not None:
         syncer.flush()

@@ -134,9 +134,10 @@ MODEL = "test_random_command_sequences_match_the_model"
 def test_cache_written_back_only_at_disconnect(tmp_path: Path) -> None:
     """Flush and FUA do nothing: a reader other than the writer sees none of its writes.
 
-    Write-zeroes and trim are caught only where the reader first read the
-    old data: otherwise the old data never left the writer either, and the
-    reader's zeroes are what it should see."""
+    Every variant in which the old data must be seen by another connection
+    fails: the reader that read it first, or else the bystander that checks
+    it before the operation (without that check, write-zeroes and trim would
+    pass here, the reader's zeroes being what it should see)."""
     run = run_suite(
         tmp_path,
         "per_connection_cache.py write-back-at-disconnect",
@@ -145,10 +146,10 @@ def test_cache_written_back_only_at_disconnect(tmp_path: Path) -> None:
     )
 
     def fails(operation, writer, syncer, reader, primed):
-        return reader != writer and (operation == "write" or primed)
+        return not primed or reader != writer
 
     expected = visibility_failures(run, fails) | {CONCURRENT, MODEL}
-    assert len(expected) == 18
+    assert len(expected) == 29
     run.assert_verdicts(failed=expected)
     assert "all stripes read on a fifth connection" in run.messages[CONCURRENT]
     assert "Failing test case" in run.messages[MODEL]  # hypothesis's minimal sequence
@@ -171,15 +172,16 @@ def test_cache_flush_writes_back_only_its_own_connection(tmp_path: Path) -> None
 
 
 def test_stale_read_cache(tmp_path: Path) -> None:
-    """Writes are shared at once, but a reader that read the old data keeps serving it:
-    only the reader-read-first variants (the nbd-multiconn iotest scenario) can see it."""
+    """Writes are shared at once, but a connection that read the old data keeps serving it:
+    the reader-read-first variants (the nbd-multiconn iotest scenario) see it, and so do
+    the trims, where the bystander that checked the old data must agree afterwards."""
     run = run_suite(tmp_path, "per_connection_cache.py stale-read-cache", MULTICONN, MODEL_FILE)
 
     def fails(operation, writer, syncer, reader, primed):
-        return primed and reader != writer
+        return (primed and reader != writer) or (operation == "trim" and not primed)
 
     expected = visibility_failures(run, fails)
-    assert len(expected) == 12
+    assert len(expected) == 17
     run.assert_verdicts(failed=expected | {MODEL})
     for check in expected:
         assert "first difference" in run.messages[check]
