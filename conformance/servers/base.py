@@ -309,13 +309,17 @@ class Profile:
     def cwd(self) -> str | None:
         return None
 
+    def launch(self, argv: list[str], **kwargs: Any) -> LocalServer:
+        """Start the process; a profile whose server daemonises returns its own kind."""
+        return LocalServer(argv, **kwargs)
+
     def start(self, config: ServerConfig, workdir: Path, tls_dir: str | None) -> Server:
         """Start a fresh server in CONFIG on a fresh Unix socket in WORKDIR."""
         self.check_config(config)
         socket_path = str(workdir / "nbd.sock")
         export = self.export_name(config)
         argv = self.command(config, workdir, socket_path, tls_dir)
-        server = LocalServer(
+        server = self.launch(
             argv,
             workdir=workdir,
             log_path=workdir / "server.log",

@@ -22,7 +22,6 @@ from conformance.servers.base import (
     ProfileCannotDo,
     Server,
     ServerConfig,
-    unix_uri,
 )
 
 #: nbd-server names exports after config sections; the default export needs a name.
@@ -191,25 +190,6 @@ class NbdServer(Profile):
         conf.write_text(self.config_text(config, workdir, socket_path, tls_dir))
         return ["nbd-server", "-C", str(conf), "-p", str(workdir / "nbd-server.pid")]
 
-    def start(self, config: ServerConfig, workdir: Path, tls_dir: str | None) -> Server:
-        self.check_config(config)
-        socket_path = str(workdir / "nbd.sock")
-        export = self.export_name(config)
-        server = DaemonServer(
-            self.command(config, workdir, socket_path, tls_dir),
-            pid_file=workdir / "nbd-server.pid",
-            workdir=workdir,
-            log_path=workdir / "server.log",
-            uri=unix_uri(export, socket_path, config.tls),
-            export_name=export,
-            config=config,
-            socket_path=socket_path,
-            tls_dir=tls_dir if config.tls else None,
-            profile=self.name,
-        )
-        try:
-            server.wait_ready()
-        except BaseException:
-            server.stop()
-            raise
-        return server
+    def launch(self, argv: list[str], **kwargs: Any) -> LocalServer:
+        # nbd-server forks away: follow it through its PID file.
+        return DaemonServer(argv, pid_file=kwargs["workdir"] / "nbd-server.pid", **kwargs)
