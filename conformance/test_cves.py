@@ -31,11 +31,11 @@ STRING_RULE = (
 )
 
 
-def _final_reply_or_close(client, *, wait: float = WAIT):
-    """The final reply to the option just sent, 'disconnect', or 'no reply'."""
-    client.sock.settimeout(wait)
+def _outcome(client, receive):
+    """What RECEIVE() got within WAIT seconds, or 'disconnect', or 'no reply'."""
+    client.sock.settimeout(WAIT)
     try:
-        return client.recv_option_result()
+        return receive()
     except Disconnected:
         return "disconnect"
     except TimeoutError:
@@ -43,6 +43,11 @@ def _final_reply_or_close(client, *, wait: float = WAIT):
     finally:
         with contextlib.suppress(OSError):
             client.sock.settimeout(client.timeout)
+
+
+def _final_reply_or_close(client):
+    """The final reply to the option just sent, 'disconnect', or 'no reply'."""
+    return _outcome(client, client.recv_option_result)
 
 
 def _describe(outcome) -> str:
@@ -347,16 +352,8 @@ def _mark(server) -> int:
 
 
 def _reply_or_close(client, cookie: int):
-    client.sock.settimeout(WAIT)
-    try:
-        return client.reply(cookie)
-    except Disconnected:
-        return "disconnect"
-    except TimeoutError:
-        return "no reply"
-    finally:
-        with contextlib.suppress(OSError):
-            client.sock.settimeout(client.timeout)
+    """The reply to request COOKIE, 'disconnect', or 'no reply'."""
+    return _outcome(client, lambda: client.reply(cookie))
 
 
 @spec("Size constraints", MUST, SIZE_RULE)
