@@ -208,7 +208,8 @@ class Transmission:
                 return Close(f"bad request magic {magic:#x} (expected {self._expected_magic:#x})")
             request = self._unpack(self._in)
             del self._in[:size]
-            self._traced_request(request)
+            if self._trace:
+                self._traced_request(request)
             payload_length = self._payload_size(request)
             limit = max(self._max_payload, DEFAULT_MAX_PAYLOAD)
             if payload_length > limit:
@@ -350,9 +351,11 @@ class Transmission:
     def ok_reply(self, request: Request) -> list[Buffer]:
         """Success with no payload: simple reply, or NBD_REPLY_TYPE_NONE when extended."""
         if self._extended:
-            self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
+            if self._trace:
+                self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
             return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
-        self._trace_reply(request, "simple reply", error=Errno.OK)
+        if self._trace:
+            self._trace_reply(request, "simple reply", error=Errno.OK)
         return [wire.pack_simple_reply(0, request.cookie)]
 
     def error_reply(self, request: Request, error: Errno, message: str) -> list[Buffer]:
@@ -365,19 +368,21 @@ class Transmission:
         if self._structured:
             text = message.encode("utf-8", "replace")[:MAX_STRING_LENGTH]
             payload = wire.pack_error_payload(error, text)
-            self._trace_reply(
-                request,
-                "chunk",
-                type=ChunkType.ERROR,
-                flags=ReplyFlag.DONE,
-                error=error,
-                message=message,
-            )
+            if self._trace:
+                self._trace_reply(
+                    request,
+                    "chunk",
+                    type=ChunkType.ERROR,
+                    flags=ReplyFlag.DONE,
+                    error=error,
+                    message=message,
+                )
             return [
                 wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.ERROR, len(payload)),
                 payload,
             ]
-        self._trace_reply(request, "simple reply", error=error, message=message)
+        if self._trace:
+            self._trace_reply(request, "simple reply", error=error, message=message)
         return [wire.pack_simple_reply(error, request.cookie)]
 
     def _read(self, request: Request, backend: Backend) -> list[Buffer]:
@@ -388,10 +393,12 @@ class Transmission:
             wire.SIMPLE_REPLY.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, request.cookie)
             if length:
                 backend.pread_into(memoryview(reply)[wire.SIMPLE_REPLY.size :], offset)
-            self._trace_reply(request, "simple reply", error=Errno.OK, length=length)
+            if self._trace:
+                self._trace_reply(request, "simple reply", error=Errno.OK, length=length)
             return [reply]
         if length == 0:
-            self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
+            if self._trace:
+                self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
             return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
         if request.flags & _DF:
             # DF: at most one content chunk, zeroes written out explicitly.
@@ -468,14 +475,15 @@ class Transmission:
             flags = _DONE if i == len(ids) - 1 else _NOT_DONE
             payload = wire.pack_block_status_payload(context_id, pairs, self._extended)
             out += [wire.pack_chunk_header(request, flags, chunk_type, len(payload)), payload]
-            self._trace_reply(
-                request,
-                "chunk",
-                type=chunk_type,
-                flags=flags,
-                context_id=context_id,
-                extents=pairs[:8],
-            )
+            if self._trace:
+                self._trace_reply(
+                    request,
+                    "chunk",
+                    type=chunk_type,
+                    flags=flags,
+                    context_id=context_id,
+                    extents=pairs[:8],
+                )
         return out
 
     # -------------------------------------------------------------- helpers
