@@ -18,19 +18,19 @@ import functools
 import logging
 import ssl
 from collections import deque
-from typing import TYPE_CHECKING
 
+from .admission import Deadline, Expired, Verdict
 from .backends.base import Backend
 from .budget import ByteBudget
+from .context import ConnectionContext
+from .gate import Admittee
+from .phases import Phase, Trigger, advance
 from .protocol import events
 from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
 from .protocol.transmission import Buffer, Transmission
 from .replies import ReplyQueue
-
-if TYPE_CHECKING:
-    from .server import NBDServer
 
 log = logging.getLogger("reference_server")
 
@@ -54,102 +54,93 @@ def _cost(event: events.Command) -> int:
 
 
 class Connection(asyncio.BufferedProtocol):
-    def __init__(self, server: NBDServer, number: int) -> None:
-        self.server = server
+    def __init__(self, context: ConnectionContext, number: int) -> None:
+        self.context = context
         self.number = number
         self.transport: asyncio.Transport | None = None
-        self.tracer = server.trace.for_connection(number) if server.trace else None
+        self.tracer = context.trace.for_connection(number) if context.trace else None
         self.handshake: Handshake | None = None
         self.transmission: Transmission | None = None
         self.backend: Backend | None = None
-        self.counted = False
-        self.closing = False
-        self.finishing = False  # NBD_CMD_DISC: serve what came, read no more
-        self.shutting_down = False  # the server is stopping: new requests get ESHUTDOWN
+        #: Changed only by :meth:`_move`, through the table in phases.py.
+        self.phase = Phase.WAITING_FOR_SLOT
         self._receive = memoryview(bytearray(RECEIVE_BUFFER))
         self._into_payload = False
         self._queue: deque[tuple[events.Command, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
-        self._replies = ReplyQueue(server.budget)
+        self._replies = ReplyQueue(context.budget)
         self._inflight = 0
         self._pumping = False
         self._reading = True
         self.idle = asyncio.Event()
         self.idle.set()
-        self._in_handshake = False
-        self._handshake_timer: asyncio.TimerHandle | None = None
-        self.waiting_for_slot = False
-        self._slot_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task[None] | None = None
-        # STARTTLS acknowledged: clear-text reading is paused until TLS runs.
-        self._tls_pending = False
-        # Bytes already came through TLS (possibly before start_tls returned).
+        # In TLS_HANDSHAKE: bytes already came through TLS (possibly before
+        # start_tls returned), and the handshake core was told.
         self._tls_seen = False
+
+    @property
+    def closing(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def _move(self, trigger: Trigger) -> None:
+        """The one place the phase changes (the table and its spec sections: phases.py)."""
+        self.phase = advance(self.phase, trigger)
 
     # ------------------------------------------------ asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        server = self.server
-        server.connections.add(self)
-        if len(server.handshaking) >= server.limits.max_handshaking:
-            oldest = next(iter(server.handshaking))
-            log.warning("connection %d: evicted, too many clients negotiating", oldest.number)
-            oldest.note("closing: evicted by a newer client (too many negotiating)")
-            oldest.close()
-        self._in_handshake = True
-        server.handshaking[self] = None
+        context = self.context
+        context.connections.add(self)
         self.handshake = Handshake(
-            server.infos,
-            tls_available=server.tls is not None,
-            limits=server.limits.handshake,
+            context.infos,
+            tls_available=context.tls is not None,
+            limits=context.limits.handshake,
             trace=self.tracer,
         )
-        if server.limits.handshake_timeout:
-            self._handshake_timer = asyncio.get_running_loop().call_later(
-                server.limits.handshake_timeout, self._handshake_timed_out
-            )
-        refusal = server.admit()
-        if refusal is None:
-            self.counted = True
-        elif not server.stopping and server.limits.slot_wait:
-            # Full: wait a little for a slot before refusing, as a client that
-            # connects just after another left should not lose a race.
-            self.waiting_for_slot = True
-            server.waiting[self] = None
-            self._slot_timer = asyncio.get_running_loop().call_later(
-                server.limits.slot_wait, self._refuse, refusal
-            )
-            return
-        else:
-            self._refuse(refusal)
-            return
-        self._flush_handshake()
+        arrival = context.admission.arrive(self)
+        if arrival.verdict is Verdict.ADMITTED:
+            self._move(Trigger.ADMITTED)
+            self._flush_handshake()
+        elif arrival.verdict is Verdict.REFUSED:
+            self._refuse(arrival.reason)
+        # Verdict.WAIT: ungreeted until slot_granted() or the wait runs out.
 
-    def admitted(self) -> None:
+    # ------------------------------------------------------------ admission
+
+    def slot_granted(self) -> None:
         """A slot freed up while this client waited: greet it now."""
-        self._stop_waiting()
-        self.counted = True
+        if self.phase is not Phase.WAITING_FOR_SLOT:
+            return
+        self._move(Trigger.ADMITTED)
         self._flush_handshake()
         self._pump_handshake()
+
+    def deadline_passed(self, expired: Expired[Admittee]) -> None:
+        if expired.deadline is Deadline.SLOT_WAIT:
+            if self.phase is Phase.WAITING_FOR_SLOT:
+                self._refuse(expired.reason)
+        elif self.phase in (Phase.WAITING_FOR_SLOT, Phase.HANDSHAKE, Phase.TLS_HANDSHAKE):
+            self.note("closing: option haggling took too long")
+            log.info("connection %d: handshake timed out", self.number)
+            self.close()
+
+    def evict(self) -> None:
+        log.warning("connection %d: evicted, too many clients negotiating", self.number)
+        self.note("closing: evicted by a newer client (too many negotiating)")
+        self.close()
 
     def _refuse(self, reason: str) -> None:
         """Greet, then error every option ("Termination of the session during option haggling")."""
-        self._stop_waiting()
         log.info("connection %d refused: %s", self.number, reason)
         assert self.handshake is not None
-        reply = Reply.ERR_SHUTDOWN if self.server.stopping else Reply.ERR_POLICY
+        reply = Reply.ERR_SHUTDOWN if self.context.admission.stopping else Reply.ERR_POLICY
         self.handshake.refuse(reply, reason)
+        self._move(Trigger.ADMITTED)
         self._flush_handshake()
         self._pump_handshake()
-
-    def _stop_waiting(self) -> None:
-        self.waiting_for_slot = False
-        self.server.waiting.pop(self, None)
-        if self._slot_timer is not None:
-            self._slot_timer.cancel()
-            self._slot_timer = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.transmission is not None:
@@ -161,7 +152,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._receive
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.closing:
+        if self.phase is Phase.CLOSED:
             return
         try:
             self._received(nbytes)
@@ -179,7 +170,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.transmission.receive_data(self._receive[:nbytes])
             self._pump()
         elif self.handshake is not None:
-            if self._tls_pending:
+            if self.phase is Phase.TLS_HANDSHAKE:
                 # Decrypted data can arrive before start_tls() has returned the
                 # TLS transport: keep it for the fresh negotiation, answer later.
                 if not self._tls_seen:
@@ -188,7 +179,7 @@ class Connection(asyncio.BufferedProtocol):
                 self.handshake.receive_data(self._receive[:nbytes])
                 return
             self.handshake.receive_data(self._receive[:nbytes])
-            if not self.waiting_for_slot:
+            if self.phase is Phase.HANDSHAKE:
                 self._pump_handshake()
 
     def eof_received(self) -> bool | None:
@@ -204,13 +195,10 @@ class Connection(asyncio.BufferedProtocol):
             self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closing = True
-        self._leave_handshake()
-        self._stop_waiting()
-        self.server.connections.discard(self)
-        if not self.server.connections:
-            self.server.all_closed.set()
-        budget = self.server.budget
+        self._move(Trigger.CLOSE)
+        context = self.context
+        context.connections.discard(self)
+        budget = context.budget
         budget.forget(self._wake)
         # Give back what this connection held; in-flight commands give their own.
         returned = self._payload_taken
@@ -220,9 +208,7 @@ class Connection(asyncio.BufferedProtocol):
         self._replies.discard()
         budget.give(returned)
         self._update_idle()
-        if self.counted:
-            self.counted = False
-            self.server.release()
+        context.admission.depart(self)
 
     # ------------------------------------------------------------ handshake
 
@@ -239,7 +225,7 @@ class Connection(asyncio.BufferedProtocol):
                 # now, before start_tls() takes over the socket.
                 assert self.transport is not None
                 self.transport.pause_reading()
-                self._tls_pending = True
+                self._move(Trigger.STARTTLS)
                 self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
                 return
             if isinstance(event, events.Close):
@@ -257,11 +243,11 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.write(out)
 
     async def _start_tls(self) -> None:
-        assert self.transport is not None and self.server.tls is not None
+        assert self.transport is not None and self.context.tls is not None
         loop = asyncio.get_running_loop()
         try:
             new_transport = await loop.start_tls(
-                self.transport, self, self.server.tls, server_side=True
+                self.transport, self, self.context.tls, server_side=True
             )
         except (OSError, ssl.SSLError, ConnectionError) as exc:
             # "If the handshake is unsuccessful ... the server MUST terminate
@@ -277,26 +263,13 @@ class Connection(asyncio.BufferedProtocol):
         if not self._tls_seen:
             self._tls_seen = True
             self.handshake.tls_established()
-        self._tls_pending = False
+        self._move(Trigger.TLS_ESTABLISHED)
         self._pump_handshake()
 
-    def _handshake_timed_out(self) -> None:
-        if self.transmission is None and not self.closing:
-            self.note("closing: option haggling took too long")
-            log.info("connection %d: handshake timed out", self.number)
-            self.close()
-
-    def _leave_handshake(self) -> None:
-        if self._in_handshake:
-            self._in_handshake = False
-            self.server.handshaking.pop(self, None)
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-
     def _enter_transmission(self, negotiated: Negotiated, buffered: bytes) -> None:
-        self._leave_handshake()
-        self.backend = self.server.exports[negotiated.export.name].backend
+        self.context.admission.negotiated(self)
+        self._move(Trigger.NEGOTIATED)
+        self.backend = self.context.exports[negotiated.export.name].backend
         self.transmission = Transmission(negotiated, trace=self.tracer)
         self.handshake = None
         if buffered:
@@ -310,7 +283,7 @@ class Connection(asyncio.BufferedProtocol):
         tx = self.transmission
         if tx is None or self.closing:
             return
-        budget, limit = self.server.budget, self.server.limits.max_inflight_requests
+        budget, limit = self.context.budget, self.context.limits.max_inflight_requests
         self._pumping = True
         try:
             self._pump_requests(tx, budget, limit)
@@ -319,7 +292,7 @@ class Connection(asyncio.BufferedProtocol):
         self._send(tx.data_to_send())
         self._update_reading()
         self._update_idle()
-        if self.finishing and not self._inflight and not self._queue:
+        if self.phase is Phase.DRAINING and not self._inflight and not self._queue:
             self.close()
 
     def _pump_requests(self, tx: Transmission, budget: ByteBudget, limit: int) -> None:
@@ -334,13 +307,13 @@ class Connection(asyncio.BufferedProtocol):
                 self._queue.popleft()
                 self._dispatch(queued)
                 continue
-            if self.finishing:
+            if self.phase is Phase.DRAINING:
                 break
             event = tx.next_event()
             if isinstance(event, events.Command):
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
-                if self.shutting_down:
+                if self.phase is Phase.SHUTTING_DOWN:
                     # "Terminating the transmission phase": requests received
                     # during shutdown SHOULD fail with NBD_ESHUTDOWN.
                     error = tx.error_reply(event.request, Errno.ESHUTDOWN, "server shutting down")
@@ -355,7 +328,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._send(tx.data_to_send())
                     self.close()
                     return
-                self.finishing = True
+                self._move(Trigger.DISCONNECT)
                 continue
             # NeedData: a write payload may have started; take its budget first.
             pending = tx.pending_payload
@@ -377,7 +350,7 @@ class Connection(asyncio.BufferedProtocol):
             or request.length >= INLINE_BELOW
         ):
             future = asyncio.get_running_loop().run_in_executor(
-                self.server.executor, tx.execute, event, backend
+                self.context.executor, tx.execute, event, backend
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
@@ -389,7 +362,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception:  # a bug, not a client error: drop this client, serve others
             log.exception("connection %d: request failed unexpectedly", self.number)
             self._inflight -= 1
-            self.server.budget.give(_cost(event))
+            self.context.budget.give(_cost(event))
             self.close()
             return
         self._done(event, reply)
@@ -420,7 +393,7 @@ class Connection(asyncio.BufferedProtocol):
         so its replies leave together.
         """
         if self.closing:
-            self.server.budget.give(cost)
+            self.context.budget.give(cost)
             return
         self._replies.add(buffers, cost)
         if not self._pumping:
@@ -430,10 +403,10 @@ class Connection(asyncio.BufferedProtocol):
         tx = self.transmission
         assert tx is not None and self.transport is not None
         blocked = (
-            self.finishing
+            self.phase is Phase.DRAINING
             or bool(self._queue)
             or self._replies.unsent > MAX_UNSENT
-            or self._inflight >= self.server.limits.max_inflight_requests
+            or self._inflight >= self.context.limits.max_inflight_requests
             or bool(tx.pending_payload and not self._payload_taken)
         )
         if blocked and self._reading:
@@ -456,12 +429,15 @@ class Connection(asyncio.BufferedProtocol):
         if self.transmission is None:
             self.close()
             return
-        self.shutting_down = True
+        if self.closing:
+            return
+        self._move(Trigger.SERVER_STOPPING)
         self._pump()
 
     def close(self) -> None:
-        self.closing = True
-        self._leave_handshake()
+        if self.phase is not Phase.CLOSED:
+            self._move(Trigger.CLOSE)
+            self.context.admission.negotiated(self)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

@@ -22,47 +22,21 @@ import logging
 import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
-from .backends.base import Backend
+from .admission import Admission
 from .budget import ByteBudget
 from .connection import Connection
-from .protocol.export import ExportInfo
-from .protocol.handshake import HandshakeLimits
+from .context import ConnectionContext, Export, OpenConnections, ServerLimits
+from .gate import AdmissionGate, Admittee
 from .trace import TraceLog
+
+__all__ = ["Export", "NBDServer", "ServerLimits"]
 
 log = logging.getLogger("reference_server")
 
 
-@dataclass
-class ServerLimits:
-    """Resource limits that keep one client from starving the others."""
-
-    # Seconds a client may take to finish option haggling (CVE-2024-7409); 0 = none.
-    handshake_timeout: float = 10.0
-    # Seconds a client beyond the connection limit waits for a free slot
-    # (ungreeted) before it is refused with NBD_REP_ERR_POLICY.
-    slot_wait: float = 2.0
-    # Clients allowed in option haggling at once; a newcomer beyond it evicts the
-    # longest-waiting one, so a crowd of stalled clients cannot lock anyone out.
-    max_handshaking: int = 64
-    # Requests in flight per connection before it stops reading.
-    max_inflight_requests: int = 64
-    # Request and reply bytes held in memory, server-wide (see budget.py).
-    max_inflight_bytes: int = 64 * 1024 * 1024
-    handshake: HandshakeLimits = field(default_factory=HandshakeLimits)
-
-
-@dataclass
-class Export:
-    """An export: what the protocol advertises and the storage behind it."""
-
-    info: ExportInfo
-    backend: Backend
-
-
 class NBDServer:
-    """Everything connections share: exports, limits, counters, lifecycle."""
+    """Everything connections share: exports, limits, admission, lifecycle."""
 
     def __init__(
         self,
@@ -76,28 +50,35 @@ class NBDServer:
         workers: int = 8,
     ) -> None:
         self.exports = {e.info.name: e for e in exports}
-        self.infos = {name: e.info for name, e in self.exports.items()}
-        self.shared = shared
-        self.persistent = persistent
-        self.tls = tls
         self.limits = limits or ServerLimits()
-        self.trace = trace
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="nbd-io"
         )
-        self.connections: set[Connection] = set()
-        self.clients = 0  # connections counted against ``shared``
-        # Connections still haggling, oldest first.
-        self.handshaking: dict[Connection, None] = {}
-        # Connections beyond ``shared`` waiting briefly for a slot, oldest first.
-        self.waiting: dict[Connection, None] = {}
-        self.served_any = False
+        admission: Admission[Admittee] = Admission(
+            shared=shared,
+            persistent=persistent,
+            max_handshaking=self.limits.max_handshaking,
+            handshake_timeout=self.limits.handshake_timeout,
+            slot_wait=self.limits.slot_wait,
+        )
+        self.admission = AdmissionGate(
+            admission, lambda: self.request_shutdown("the last client left")
+        )
+        self.connections = OpenConnections()
+        self.context = ConnectionContext(
+            exports=self.exports,
+            limits=self.limits,
+            admission=self.admission,
+            budget=ByteBudget(self.limits.max_inflight_bytes),
+            executor=self.executor,
+            connections=self.connections,
+            tls=tls,
+            trace=trace,
+        )
         self.stopping = False
         self._numbers = 0
         self._servers: list[asyncio.Server] = []
-        self.budget = ByteBudget(self.limits.max_inflight_bytes)
         self.done = asyncio.Event()
-        self.all_closed = asyncio.Event()  # set when the last connection is gone
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------- listening
@@ -114,30 +95,9 @@ class NBDServer:
 
     def _new_connection(self) -> Connection:
         self._numbers += 1
-        return Connection(self, self._numbers)
+        return Connection(self.context, self._numbers)
 
     # ----------------------------------------------------------- lifecycle
-
-    def admit(self) -> str | None:
-        """Count a new client, or say why it is refused."""
-        if self.stopping:
-            return "the server is shutting down"
-        if self.shared and self.clients >= self.shared:
-            return f"the server allows {self.shared} connection(s) at a time"
-        self.clients += 1
-        self.served_any = True
-        return None
-
-    def release(self) -> None:
-        self.clients -= 1
-        if self.waiting and not self.stopping:
-            waiter = next(iter(self.waiting))
-            self.clients += 1
-            waiter.admitted()
-            return
-        if self.clients == 0 and not self.persistent and self.served_any:
-            # qemu-nbd without --persistent: exit after the last client.
-            self.request_shutdown("the last client left")
 
     def request_shutdown(self, reason: str) -> None:
         """Start :meth:`shutdown` from a callback (a signal, the last client leaving)."""
@@ -150,28 +110,29 @@ class NBDServer:
         if self.stopping:
             return
         self.stopping = True
+        self.admission.stop()
         log.info("shutting down: %s", reason)
         for server in self._servers:
             server.close()
-        for connection in list(self.connections):
+        for connection in self.connections:
             connection.begin_shutdown()
         waiters = [c.idle.wait() for c in self.connections]
         if waiters:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waiters), timeout=30)
         # Clients told NBD_ESHUTDOWN MUST disconnect; give them a moment to.
-        if self.connections:
-            self.all_closed.clear()
+        if len(self.connections):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.all_closed.wait(), timeout=1.0)
+                await asyncio.wait_for(self.connections.all_closed.wait(), timeout=1.0)
         loop = asyncio.get_running_loop()
         for export in self.exports.values():
             try:
                 await loop.run_in_executor(self.executor, export.backend.flush)
             except OSError as exc:
                 log.error("flush of export %r failed at shutdown: %s", export.info.name, exc)
-        for connection in list(self.connections):
+        for connection in self.connections:
             connection.close()
+        self.admission.close()
         self.executor.shutdown(wait=True)
         for export in self.exports.values():
             export.backend.close()
