@@ -8,9 +8,15 @@ change the same counters:
   ("Protocol phases / Handshake / Termination of the session during option
   haggling": the server "MUST ... simply error inbound options until the
   client gets the hint that it is unwelcome");
-* the clients in option haggling (``--max-handshaking``), and what happens
-  when there are too many;
-* the deadlines on option haggling (``--handshake-timeout``).
+* the clients in option haggling (``--max-handshaking``): at the cap the
+  server stops accepting (:attr:`Admission.has_room`), and the kernel's
+  listen backlog holds newcomers until a negotiation ends, as qemu-nbd does
+  at its connection limit.  Nobody is evicted to make room: a client that
+  keeps making progress is never closed because others arrived after it;
+* the deadlines on option haggling, which are what sheds stalled and slow
+  clients (the CVE-2024-7409 class): each client must answer every server
+  message within ``--handshake-progress-timeout``, and finish negotiating
+  within ``--handshake-timeout``.
 
 Time is passed in (``now``, in seconds of any monotonic clock), never read, so
 the rules are tested without an event loop or a sleep.  The asyncio side
@@ -44,13 +50,13 @@ class Deadline(enum.Enum):
 
     SLOT_WAIT = "no slot freed up in time: refuse"
     HANDSHAKE = "option haggling took too long: close"
+    PROGRESS = "the client did not answer the server's last message in time: close"
 
 
 @dataclass(frozen=True)
-class Arrival(Generic[K]):
+class Arrival:
     verdict: Verdict
     reason: str = ""  # why the client waits or is refused
-    evicted: K | None = None  # a negotiating client to close to make room for this one
 
 
 @dataclass(frozen=True)
@@ -74,12 +80,14 @@ class Admission(Generic[K]):
         persistent: bool = False,
         max_handshaking: int = 64,
         handshake_timeout: float = 10.0,
+        progress_timeout: float = 5.0,
         slot_wait: float = 2.0,
     ) -> None:
         self.shared = shared
         self.persistent = persistent
         self.max_handshaking = max_handshaking
         self.handshake_timeout = handshake_timeout
+        self.progress_timeout = progress_timeout
         self.slot_wait = slot_wait
         self.stopping = False
         #: Connections counted against ``shared``.
@@ -95,36 +103,55 @@ class Admission(Generic[K]):
 
     # ------------------------------------------------------------- events
 
-    def arrive(self, key: K, now: float) -> Arrival[K]:
-        """A connection was accepted: make room for it, count it, or say why not."""
-        evicted: K | None = None
-        if len(self.handshaking) >= self.max_handshaking:
-            evicted = next(iter(self.handshaking))
-            self.negotiated(evicted)
+    @property
+    def has_room(self) -> bool:
+        """May the server accept another connection now?  (Else it leaves it in the backlog.)"""
+        return len(self.handshaking) < self.max_handshaking and not self.stopping
+
+    def arrive(self, key: K, now: float) -> Arrival:
+        """A connection was accepted: count it, or say why it must wait or is refused.
+
+        The server accepts only while :attr:`has_room`; a connection that
+        arrives beyond the cap all the same (socket activation hands over
+        whatever is queued) is admitted too: nobody is closed to make room.
+        """
         self.handshaking[key] = None
         if self.handshake_timeout:
             self._set(key, Deadline.HANDSHAKE, now + self.handshake_timeout)
         if self.stopping:
-            return Arrival(Verdict.REFUSED, "the server is shutting down", evicted)
+            self.greeted(key, now)
+            return Arrival(Verdict.REFUSED, "the server is shutting down")
         if self.shared and len(self.clients) >= self.shared:
             reason = f"the server allows {self.shared} connection(s) at a time"
             if not self.slot_wait:
-                return Arrival(Verdict.REFUSED, reason, evicted)
+                self.greeted(key, now)
+                return Arrival(Verdict.REFUSED, reason)
             # Full: wait a little for a slot before refusing, as a client that
             # connects just after another left should not lose a race.
             self.waiting[key] = reason
             self._set(key, Deadline.SLOT_WAIT, now + self.slot_wait)
-            return Arrival(Verdict.WAIT, reason, evicted)
+            return Arrival(Verdict.WAIT, reason)
         self.clients.add(key)
         self.served_any = True
-        return Arrival(Verdict.ADMITTED, "", evicted)
+        self.greeted(key, now)
+        return Arrival(Verdict.ADMITTED, "")
+
+    def greeted(self, key: K, now: float) -> None:
+        """The server spoke (the greeting, an option reply): the client's turn starts now."""
+        if key in self.handshaking and self.progress_timeout:
+            self._set(key, Deadline.PROGRESS, now + self.progress_timeout)
+
+    def progressed(self, key: K, now: float) -> None:
+        """The client's message was answered: its next turn starts now."""
+        self.greeted(key, now)
 
     def negotiated(self, key: K) -> None:
         """The connection left option haggling (transmission, or closing)."""
         self.handshaking.pop(key, None)
         self._clear(key, Deadline.HANDSHAKE)
+        self._clear(key, Deadline.PROGRESS)
 
-    def depart(self, key: K) -> Departure[K]:
+    def depart(self, key: K, now: float) -> Departure[K]:
         """The connection is gone: free what it held, maybe hand its slot on."""
         self.negotiated(key)
         self._stop_waiting(key)
@@ -135,6 +162,7 @@ class Admission(Generic[K]):
             waiter = next(iter(self.waiting))
             self._stop_waiting(waiter)
             self.clients.add(waiter)
+            self.greeted(waiter, now)
             return Departure(granted=waiter)
         last = not self.clients and not self.persistent and self.served_any
         return Departure(last_client_left=last)
@@ -162,10 +190,15 @@ class Admission(Generic[K]):
             _, _, key, kind = heapq.heappop(self._heap)
             del self._deadlines[key, kind]
             if kind is Deadline.SLOT_WAIT:
+                # Refused now: greeted, then every option is errored.
                 passed.append(Expired(key, kind, self.waiting.pop(key, "")))
-            else:
+                self.greeted(key, when)
+            elif kind is Deadline.HANDSHAKE:
                 self.negotiated(key)
                 passed.append(Expired(key, kind, "option haggling took too long"))
+            else:
+                self.negotiated(key)
+                passed.append(Expired(key, kind, "no answer to the server's last message"))
         return passed
 
     def _set(self, key: K, kind: Deadline, when: float) -> None:

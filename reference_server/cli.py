@@ -32,6 +32,9 @@ from .trace import TraceLog
 
 PROG = "nbd-reference-server"
 NBD_PORT = 10809
+# Connections the kernel queues while the server is not accepting (at
+# --max-handshaking): as many as it allows (net.core.somaxconn caps it).
+LISTEN_BACKLOG = socket.SOMAXCONN
 _SUFFIXES = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 
 
@@ -163,11 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="close clients that have not finished negotiating (default 10; 0 = never)",
     )
     limits.add_argument(
+        "--handshake-progress-timeout",
+        metavar="SECONDS",
+        type=float,
+        default=5.0,
+        help="close negotiating clients that take longer to answer the server "
+        "(default 5; 0 = never)",
+    )
+    limits.add_argument(
         "--max-handshaking",
         metavar="NUM",
         type=_nonnegative,
         default=64,
-        help="clients allowed in negotiation at once (default 64)",
+        help="clients in negotiation at once; beyond it new connections wait in the "
+        "listen backlog (default 64)",
     )
     limits.add_argument(
         "--max-inflight",
@@ -279,7 +291,7 @@ def _unix_listener(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(temporary)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         if temporary != path:
             os.rename(temporary, path)
     except OSError as exc:
@@ -303,7 +315,7 @@ def _tcp_listeners(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(128)
+            sock.listen(LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
             for s in sockets:
@@ -353,6 +365,7 @@ async def _serve(
     )
     limits = ServerLimits(
         handshake_timeout=args.handshake_timeout,
+        handshake_progress_timeout=args.handshake_progress_timeout,
         max_handshaking=args.max_handshaking or 1 << 30,
         max_inflight_requests=args.max_inflight or 1 << 30,
         max_inflight_bytes=args.max_inflight_bytes,

@@ -34,7 +34,6 @@ from .replies import ReplyQueue
 
 log = logging.getLogger("reference_server")
 
-RECEIVE_BUFFER = 256 * 1024
 # Reply bytes a connection may have queued but not yet handed over before it
 # stops taking requests.  A full socket alone does not stop it: the client is
 # still reading, and stopping would serialise its I/O with ours.  Memory stays
@@ -64,7 +63,7 @@ class Connection(asyncio.BufferedProtocol):
         self.backend: Backend | None = None
         #: Changed only by :meth:`_move`, through the table in phases.py.
         self.phase = Phase.WAITING_FOR_SLOT
-        self._receive = memoryview(bytearray(RECEIVE_BUFFER))
+        self._receive = context.receive_buffer
         self._into_payload = False
         self._queue: deque[tuple[events.Command, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
@@ -123,14 +122,9 @@ class Connection(asyncio.BufferedProtocol):
             if self.phase is Phase.WAITING_FOR_SLOT:
                 self._refuse(expired.reason)
         elif self.phase in (Phase.WAITING_FOR_SLOT, Phase.HANDSHAKE, Phase.TLS_HANDSHAKE):
-            self.note("closing: option haggling took too long")
-            log.info("connection %d: handshake timed out", self.number)
+            self.note(f"closing: {expired.reason}")
+            log.info("connection %d: handshake deadline passed: %s", self.number, expired.reason)
             self.close()
-
-    def evict(self) -> None:
-        log.warning("connection %d: evicted, too many clients negotiating", self.number)
-        self.note("closing: evicted by a newer client (too many negotiating)")
-        self.close()
 
     def _refuse(self, reason: str) -> None:
         """Greet, then error every option ("Termination of the session during option haggling")."""
@@ -195,6 +189,8 @@ class Connection(asyncio.BufferedProtocol):
             self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self not in self.context.connections:
+            return  # already released (a failed TLS handshake)
         self._move(Trigger.CLOSE)
         context = self.context
         context.connections.discard(self)
@@ -237,10 +233,12 @@ class Connection(asyncio.BufferedProtocol):
                 return
 
     def _flush_handshake(self) -> None:
+        """Send what the handshake core has to say; the client's next turn starts now."""
         assert self.handshake is not None and self.transport is not None
         out = self.handshake.data_to_send()
         if out:
             self.transport.write(out)
+            self.context.admission.progressed(self)
 
     async def _start_tls(self) -> None:
         assert self.transport is not None and self.context.tls is not None
@@ -253,9 +251,17 @@ class Connection(asyncio.BufferedProtocol):
             # "If the handshake is unsuccessful ... the server MUST terminate
             # the session".
             self.note(f"TLS handshake failed: {exc}")
-            self.close()
-            return
+            new_transport = None
         if new_transport is None or self.closing:
+            # Closed during the TLS handshake (a failure, the client leaving, a
+            # deadline).  asyncio tells no protocol of it (start_tls had handed
+            # the socket to its own SSL protocol), so release this one here,
+            # or its slot and its place among the negotiating would never
+            # come back.
+            if new_transport is not None:
+                self.transport = new_transport
+            self.close()
+            self.connection_lost(None)
             return
         self.transport = new_transport
         self.note("TLS established")
@@ -264,6 +270,7 @@ class Connection(asyncio.BufferedProtocol):
             self._tls_seen = True
             self.handshake.tls_established()
         self._move(Trigger.TLS_ESTABLISHED)
+        self.context.admission.progressed(self)
         self._pump_handshake()
 
     def _enter_transmission(self, negotiated: Negotiated, buffered: bytes) -> None:

@@ -21,6 +21,8 @@ from .protocol.export import ExportInfo
 from .protocol.handshake import HandshakeLimits
 from .trace import TraceLog
 
+RECEIVE_BUFFER = 256 * 1024
+
 
 @dataclass
 class ServerLimits:
@@ -28,11 +30,14 @@ class ServerLimits:
 
     # Seconds a client may take to finish option haggling (CVE-2024-7409); 0 = none.
     handshake_timeout: float = 10.0
+    # Seconds a negotiating client may take to answer each server message
+    # (the greeting, an option reply, the TLS handshake); 0 = none.
+    handshake_progress_timeout: float = 5.0
     # Seconds a client beyond the connection limit waits for a free slot
     # (ungreeted) before it is refused with NBD_REP_ERR_POLICY.
     slot_wait: float = 2.0
-    # Clients allowed in option haggling at once; a newcomer beyond it evicts the
-    # longest-waiting one, so a crowd of stalled clients cannot lock anyone out.
+    # Clients in option haggling at once; at the cap the server accepts no more
+    # (newcomers wait in the listen backlog) until a negotiation ends.
     max_handshaking: int = 64
     # Requests in flight per connection before it stops reading.
     max_inflight_requests: int = 64
@@ -82,6 +87,9 @@ class OpenConnections:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __contains__(self, connection: object) -> bool:
+        return connection in self._open
+
 
 @dataclass
 class ConnectionContext:
@@ -94,6 +102,12 @@ class ConnectionContext:
     tls: ssl.SSLContext | None = None
     trace: TraceLog | None = None
     infos: Mapping[str, ExportInfo] = field(init=False)
+    #: Where every connection receives headers and handshake bytes.  One
+    #: buffer serves them all: asyncio calls get_buffer() and buffer_updated()
+    #: back to back, and the protocol core copies what it keeps, so a
+    #: connection costs no 256 KiB buffer of its own.
+    receive_buffer: memoryview = field(init=False)
 
     def __post_init__(self) -> None:
         self.infos = {name: export.info for name, export in self.exports.items()}
+        self.receive_buffer = memoryview(bytearray(RECEIVE_BUFFER))

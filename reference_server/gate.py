@@ -3,7 +3,7 @@
 :class:`~.admission.Admission` decides and never waits; this gate feeds it
 the event loop's time, keeps one loop timer armed for its next deadline, and
 tells the connections concerned what was decided (a slot granted, a wait or
-a negotiation run out, an eviction).
+a negotiation run out), and the listener when there is room again.
 """
 
 from __future__ import annotations
@@ -24,36 +24,48 @@ class Admittee(Hashable, Protocol):
     def deadline_passed(self, expired: Expired[Admittee]) -> None:
         """One of this connection's admission deadlines passed."""
 
-    def evict(self) -> None:
-        """Close this negotiating connection to make room for another."""
-
 
 class AdmissionGate:
     def __init__(
-        self, admission: Admission[Admittee], on_last_client_left: Callable[[], None]
+        self,
+        admission: Admission[Admittee],
+        on_last_client_left: Callable[[], None],
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` replaces the loop's (a test's own); deadlines then run only by
+        :meth:`run_deadlines`, never by a loop timer."""
         self.admission = admission
         self._on_last_client_left = on_last_client_left
+        self._clock = clock
         self._timer: asyncio.TimerHandle | None = None
         self._armed_for: float | None = None
+        #: Called when room frees up after the cap was reached (the listener resumes).
+        self.on_room: Callable[[], None] | None = None
 
     @property
     def stopping(self) -> bool:
         return self.admission.stopping
 
-    def arrive(self, who: Admittee) -> Arrival[Admittee]:
+    @property
+    def has_room(self) -> bool:
+        return self.admission.has_room
+
+    def arrive(self, who: Admittee) -> Arrival:
         arrival = self.admission.arrive(who, self._now())
-        if arrival.evicted is not None:
-            arrival.evicted.evict()
         self._rearm()
         return arrival
+
+    def progressed(self, who: Admittee) -> None:
+        self.admission.progressed(who, self._now())
+        self._rearm()
 
     def negotiated(self, who: Admittee) -> None:
         self.admission.negotiated(who)
         self._rearm()
 
     def depart(self, who: Admittee) -> None:
-        departure = self.admission.depart(who)
+        departure = self.admission.depart(who, self._now())
         self._rearm()
         if departure.granted is not None:
             departure.granted.slot_granted()
@@ -77,7 +89,7 @@ class AdmissionGate:
         self._rearm()
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
 
     def _fire(self) -> None:
         armed_for = self._armed_for
@@ -87,6 +99,10 @@ class AdmissionGate:
         self.run_deadlines(max(self._now(), armed_for or 0.0))
 
     def _rearm(self) -> None:
+        if self.on_room is not None and self.admission.has_room:
+            self.on_room()
+        if self._clock is not None:
+            return
         when = self.admission.next_deadline()
         if when == self._armed_for:
             return

@@ -28,6 +28,7 @@ from .budget import ByteBudget
 from .connection import Connection
 from .context import ConnectionContext, Export, OpenConnections, ServerLimits
 from .gate import AdmissionGate, Admittee
+from .listener import Listener
 from .trace import TraceLog
 
 __all__ = ["Export", "NBDServer", "ServerLimits"]
@@ -59,6 +60,7 @@ class NBDServer:
             persistent=persistent,
             max_handshaking=self.limits.max_handshaking,
             handshake_timeout=self.limits.handshake_timeout,
+            progress_timeout=self.limits.handshake_progress_timeout,
             slot_wait=self.limits.slot_wait,
         )
         self.admission = AdmissionGate(
@@ -77,21 +79,17 @@ class NBDServer:
         )
         self.stopping = False
         self._numbers = 0
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
         self.done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------- listening
 
     async def listen(self, sockets: Iterable[socket.socket]) -> None:
-        loop = asyncio.get_running_loop()
-        for sock in sockets:
-            sock.setblocking(False)
-            if sock.family == socket.AF_UNIX:
-                server = await loop.create_unix_server(self._new_connection, sock=sock)
-            else:
-                server = await loop.create_server(self._new_connection, sock=sock)
-            self._servers.append(server)
+        """Accept on SOCKETS (already listening) while admission has room."""
+        listener = Listener(sockets, self._new_connection, self.admission)
+        self._listeners.append(listener)
+        listener.start()
 
     def _new_connection(self) -> Connection:
         self._numbers += 1
@@ -112,8 +110,8 @@ class NBDServer:
         self.stopping = True
         self.admission.stop()
         log.info("shutting down: %s", reason)
-        for server in self._servers:
-            server.close()
+        for listener in self._listeners:
+            listener.close()
         for connection in self.connections:
             connection.begin_shutdown()
         waiters = [c.idle.wait() for c in self.connections]

@@ -116,9 +116,13 @@ class Harness:
             persistent=persistent,
             max_handshaking=self.limits.max_handshaking,
             handshake_timeout=self.limits.handshake_timeout,
+            progress_timeout=self.limits.handshake_progress_timeout,
             slot_wait=self.limits.slot_wait,
         )
-        self.gate = AdmissionGate(admission, lambda: self.stopped.append("last client left"))
+        self.time = 1000.0  # the admission clock: moved by the test, never by the loop
+        self.gate = AdmissionGate(
+            admission, lambda: self.stopped.append("last client left"), clock=lambda: self.time
+        )
         self.backend = MemoryBackend(SIZE)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.context = ConnectionContext(
@@ -138,8 +142,10 @@ class Harness:
         connection.connection_made(transport)
         return connection, transport
 
-    def now(self) -> float:
-        return asyncio.get_running_loop().time()
+    def advance(self, seconds: float) -> None:
+        """Move the admission clock and act on the deadlines it passes."""
+        self.time += seconds
+        self.gate.run_deadlines(self.time)
 
     def close(self) -> None:
         self.gate.close()
@@ -278,11 +284,45 @@ def test_handshake_deadline_closes_a_silent_client_but_not_a_served_one() -> Non
         served, vt = h.connect()
         greeted(vt)
         go(vt)
-        h.gate.run_deadlines(h.now() + 5.1)
+        h.advance(5.1)
         assert silent.phase is Phase.CLOSED and st.closed
         assert served.phase is Phase.TRANSMISSION and not vt.closed
 
     run(scenario, handshake_timeout=5.0)
+
+
+def test_progress_deadline_sheds_the_silent_and_keeps_the_one_that_answers() -> None:
+    async def scenario(h: Harness) -> None:
+        silent, st = h.connect()
+        answering, at = h.connect()
+        greeted(at)
+        at.send(pack_client_flags(FIXED_NEWSTYLE | NO_ZEROES))
+        for step in range(1, 6):
+            # Each option comes before the client's 1 s turn runs out, and its
+            # clock restarts from the answer; the silent client's does not.
+            h.advance(0.9)
+            at.send(pack_option(Opt.LIST))
+            assert [rep for _, rep, _ in option_replies(at)][-1] == Rep.ACK
+            assert answering.phase is Phase.HANDSHAKE, f"shed after {step} answered options"
+        assert silent.phase is Phase.CLOSED and st.closed
+        assert h.gate.admission.handshaking.keys() == {answering}
+
+    run(scenario, handshake_progress_timeout=1.0, handshake_timeout=30.0)
+
+
+def test_newcomers_beyond_max_handshaking_evict_nobody() -> None:
+    async def scenario(h: Harness) -> None:
+        first, ft = h.connect()
+        greeted(ft)
+        assert not h.gate.has_room
+        crowd = [h.connect() for _ in range(5)]  # as socket activation may hand them over
+        await settle()
+        assert first.phase is Phase.HANDSHAKE and not ft.closed
+        go(ft)
+        assert first.phase is Phase.TRANSMISSION
+        assert all(c.phase is Phase.HANDSHAKE for c, _ in crowd)
+
+    run(scenario, max_handshaking=1)
 
 
 def test_hard_disconnect_mid_payload_gives_the_budget_back() -> None:
@@ -324,7 +364,7 @@ def test_a_wait_that_runs_out_is_refused_with_err_policy() -> None:
     async def scenario(h: Harness) -> None:
         h.connect()
         second, sec = h.connect()
-        h.gate.run_deadlines(h.now() + 1.0)
+        h.advance(1.0)
         assert second.phase is Phase.HANDSHAKE
         greeted(sec)
         sec.send(pack_client_flags(FIXED_NEWSTYLE | NO_ZEROES))
