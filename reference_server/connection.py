@@ -53,6 +53,14 @@ def _cost(event: events.Command) -> int:
 
 
 class Connection(asyncio.BufferedProtocol):
+    """One client, from accept to close, in the phases of phases.py.
+
+    It is given a :class:`~.context.ConnectionContext` (what it shares with
+    the other connections), never the server; admission (who may negotiate,
+    the deadlines) is asked through ``context.admission``, which calls back
+    :meth:`slot_granted` and :meth:`deadline_passed`.
+    """
+
     def __init__(self, context: ConnectionContext, number: int) -> None:
         self.context = context
         self.number = number
