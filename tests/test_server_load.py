@@ -7,7 +7,9 @@ nothing, or trickle one byte at a time; every well-behaved client must be
 served and see its own data, and every stalled one must be shed by its
 progress deadline, never a well-behaved one by a newcomer.  A client in the
 middle of its TLS handshake must survive a burst larger than
-``--max-handshaking``.
+``--max-handshaking``, and one dropped there must give its slot back.  At
+the cap, newcomers wait in the listen backlog, ungreeted, and nobody is
+closed to make room.
 
 The clients are coroutines (or, for TLS, libnbd handles in threads) in this
 process; every wait is bounded.  The seed of the arrival order is printed.
@@ -44,6 +46,7 @@ FLAGS = pack_client_flags(1 | 2)  # NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZE
 BLOCK = 4096
 # Generous: the whole burst, stalled clients included, on a loaded 2-core machine.
 OVERALL = 60.0
+DEADLINE = 10.0
 
 
 async def _option_replies_until_final(reader: asyncio.StreamReader) -> list[int]:
@@ -296,3 +299,34 @@ def test_client_dropped_mid_tls_handshake_gives_its_slot_back(
     finally:
         stalled.sock.close()
     assert _tls_client(str(server.sock), creds) == bytes(512), "the slot never came back"
+
+
+def test_at_max_handshaking_newcomers_wait_in_the_backlog_and_nobody_is_closed(
+    launch: Callable[..., Server],  # noqa: F811
+) -> None:
+    cap = 4
+    server = launch(
+        "-t", "-e", "0", "--memory", "1M", "--max-handshaking", str(cap),
+        "--handshake-progress-timeout", "60",
+    )  # fmt: skip
+    first = [server.open_socket(timeout=DEADLINE) for _ in range(cap)]
+    late = server.open_socket(timeout=0.5)  # connect() succeeds: the kernel queues it
+    try:
+        for sock in first:
+            assert len(sock.recv(GREETING.size)) == GREETING.size, "a client within the cap"
+        try:
+            early = late.recv(GREETING.size)
+        except TimeoutError:
+            early = b""
+        assert early == b"", "a client beyond --max-handshaking was greeted (accepted)"
+        # One negotiation ends: the newcomer is accepted and greeted; nobody was closed.
+        first[0].close()
+        late.settimeout(DEADLINE)
+        assert len(late.recv(GREETING.size)) == GREETING.size
+        for sock in first[1:]:
+            sock.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                assert sock.recv(1) != b"", "a negotiating client was closed by a newcomer"
+    finally:
+        for sock in [*first, late]:
+            sock.close()
