@@ -1,9 +1,11 @@
 """libnbd handles for the checks: connecting with a deadline, aio helpers.
 
 libnbd's synchronous calls wait for ever on a server that never answers;
-a conformance suite must not.  Everything here polls with a deadline and
-turns a timeout into :class:`ServerTimeout` (an AssertionError: a server
-that hangs fails the check, it does not hang the run).
+a conformance suite must not.  Connecting and the aio helpers here poll with
+a deadline, the handles they return bound every blocking call
+(:class:`~conformance.handle.Handle`), and a timeout becomes
+:class:`ServerTimeout` (an AssertionError: a server that hangs fails the
+check, it does not hang the run).
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ from typing import TYPE_CHECKING, Any
 
 import nbd
 
+from conformance.guard import UNRESTRICTED
+from conformance.handle import DEFAULT_TIMEOUT, Handle, ServerTimeout
+
 if TYPE_CHECKING:
     from conformance.servers.base import Server
 
-DEFAULT_TIMEOUT = 10.0
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ServerTimeout",
+    "close_handle",
+    "open_handle",
+    "try_connect",
+    "wait_all",
+    "wait_for",
+]
 
 
-class ServerTimeout(AssertionError):
-    """The server did not answer within the deadline."""
-
-
-def _poll_until(h: nbd.NBD, done: Any, timeout: float, what: str) -> None:
+def _poll_until(h: Any, done: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         remaining = deadline - time.monotonic()
@@ -45,8 +54,13 @@ def open_handle(
     tls: bool | None = None,
     opt_mode: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
-) -> nbd.NBD:
-    """One libnbd handle connected to SERVER (see :meth:`Server.connect`)."""
+    command_timeout: float = DEFAULT_TIMEOUT,
+) -> Handle:
+    """One libnbd handle connected to SERVER (see :meth:`Server.connect`).
+
+    Its blocking calls wait at most COMMAND_TIMEOUT seconds for a reply, and
+    its writes need the server's write permission for the running check.
+    """
     h = nbd.NBD()
     h.set_handle_name(f"conformance-{server.profile}")
     h.set_export_name(server.export_name if export_name is None else export_name)
@@ -76,10 +90,16 @@ def open_handle(
         _poll_until(h, lambda: h.aio_is_negotiating() or h.aio_is_ready(), timeout, "handshake")
     else:
         _poll_until(h, h.aio_is_ready, timeout, "handshake")
-    return h
+    handle = Handle(
+        h,
+        permission=getattr(server, "write_permission", UNRESTRICTED),
+        timeout=command_timeout,
+    )
+    handle.connected()
+    return handle
 
 
-def close_handle(h: nbd.NBD) -> None:
+def close_handle(h: Any) -> None:
     """Disconnect softly when possible; a dead handle is simply dropped."""
     try:
         if h.aio_is_ready():
@@ -90,15 +110,13 @@ def close_handle(h: nbd.NBD) -> None:
         pass
 
 
-def wait_for(
-    h: nbd.NBD, cookie: int, timeout: float = DEFAULT_TIMEOUT, what: str = "command"
-) -> None:
+def wait_for(h: Any, cookie: int, timeout: float = DEFAULT_TIMEOUT, what: str = "command") -> None:
     """Wait for one aio command; raise its nbd.Error if the server rejected it."""
     _poll_until(h, lambda: h.aio_command_completed(cookie), timeout, what)
 
 
 def wait_all(
-    h: nbd.NBD, cookies: Iterable[int], timeout: float = DEFAULT_TIMEOUT, what: str = "commands"
+    h: Any, cookies: Iterable[int], timeout: float = DEFAULT_TIMEOUT, what: str = "commands"
 ) -> list[nbd.Error | None]:
     """Wait for every aio command; return the error (or None) of each, in order."""
     pending = list(cookies)
@@ -125,7 +143,7 @@ def wait_all(
     return [results[c] for c in pending]
 
 
-def try_connect(server: Server, timeout: float = 3.0, **opts: Any) -> nbd.NBD | str:
+def try_connect(server: Server, timeout: float = 3.0, **opts: Any) -> Handle | str:
     """A connected handle, or the reason a connection could not be made in time."""
     try:
         return server.connect(timeout=timeout, **opts)

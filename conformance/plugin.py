@@ -1,9 +1,20 @@
 """The pytest plugin of the conformance suite: options, fixtures, verdicts, reports.
 
 Options: ``--nbd-server=NAME`` (a built-in profile), ``--server-cmd
-TEMPLATE``, ``--uri URI``, ``--allow-writes``, ``--strict`` (pytest's own
-flag: SHOULD-level failures then fail; ``--nbd-strict`` does the same without
-pytest's other strictness) and ``--report FILE.json``.
+TEMPLATE``, ``--uri URI``, ``--allow-writes``, ``--allow-disruptive``,
+``--strict`` (pytest's own flag: SHOULD-level failures then fail;
+``--nbd-strict`` does the same without pytest's other strictness) and
+``--report FILE.json``.
+
+Safety toward a server the suite did not start (``--uri``): a check marked
+``writes`` runs only with ``--allow-writes``, and every connection of every
+check refuses to send a write unless the check is so marked and allowed
+(:mod:`conformance.guard`); a check marked ``disruptive`` (it may crash,
+wedge or stop the server) runs only with ``--allow-disruptive``; and after
+every check the target is probed, so that a dead or wedged server ends the
+run with the check that was running named, the rest reported as not run
+(:mod:`conformance.liveness`).  A server the suite started that ends during
+a check fails that check with how it ended and the tail of its log.
 
 Verdicts: a MUST failure fails; a SHOULD (or MAY) failure becomes a
 WARNING (a passed report carrying ``nbd_verdict=warning``) unless strict; a
@@ -25,7 +36,20 @@ from typing import Any
 
 import pytest
 
-from conformance.report import NOT_RUN_PREFIX, Collector, render_table, section_table, to_json
+from conformance.guard import WritePermission
+from conformance.liveness import GoneRecord, GoneState, ServerCrashed, TargetGone, probe
+from conformance.report import (
+    NOT_RUN_DISRUPTIVE,
+    NOT_RUN_GONE,
+    NOT_RUN_WRITES,
+    Collector,
+    not_run,
+    not_run_counts,
+    not_run_reason,
+    render_table,
+    section_table,
+    to_json,
+)
 from conformance.servers import PROFILES, Profile, ProfileCannotDo, Server, ServerConfig
 from conformance.servers.command import CommandProfile
 from conformance.servers.uri import UriProfile
@@ -37,6 +61,11 @@ CHECK_TIMEOUT = 60
 
 _collector_key = pytest.StashKey[Collector]()
 _profile_key = pytest.StashKey[Profile]()
+_gone_key = pytest.StashKey[GoneState]()
+#: Per check: the servers start_server started for it.
+_servers_key = pytest.StashKey[list[Server]]()
+#: Per check: whether it reached for the target (asked start_server for it).
+_touched_key = pytest.StashKey[bool]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,6 +95,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=False,
         help="with --uri, let checks write to the export (destroys its data)",
+    )
+    group.addoption(
+        "--allow-disruptive",
+        action="store_true",
+        default=False,
+        help="with --uri, run checks that may crash, wedge or stop the server "
+        "(fuzzing, CVE reproducers, hostile sizes, stalled clients, shutdown)",
     )
     group.addoption(
         "--nbd-strict",
@@ -107,7 +143,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "writes: the check writes to the export (needs --allow-writes with --uri)"
     )
+    config.addinivalue_line(
+        "markers",
+        "disruptive: the check may crash, wedge or stop the server "
+        "(needs --allow-disruptive with --uri)",
+    )
     config.stash[_profile_key] = _make_profile(config)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        gone_path = Path(workerinput["nbd_gone_state"])
+    else:
+        gone_path = _short_tmpdir("nbd-run-") / "target-gone.json"
+    config.stash[_gone_key] = GoneState(gone_path)
     workers = getattr(config.option, "numprocesses", None)
     if config.getoption("uri") and config.getoption("allow_writes") and workers:
         # Checks that write would then share one export at the same time.
@@ -118,8 +165,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_collector_key] = Collector()
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist, on the controller: every worker shares the record of a gone target."""
+    node.workerinput["nbd_gone_state"] = str(node.config.stash[_gone_key].path)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and _gone_key in config.stash:
+        shutil.rmtree(config.stash[_gone_key].path.parent, ignore_errors=True)
+
+
 def profile_of(config: pytest.Config) -> Profile:
     return config.stash[_profile_key]
+
+
+def _writes_allowed(config: pytest.Config) -> bool:
+    """Whether the target may be written at all (the check's marker aside)."""
+    return profile_of(config).starts_servers or bool(config.getoption("allow_writes"))
+
+
+def _disruption_allowed(config: pytest.Config) -> bool:
+    return profile_of(config).starts_servers or bool(config.getoption("allow_disruptive"))
 
 
 def _spec_marker(item: pytest.Item) -> pytest.Mark | None:
@@ -129,7 +196,8 @@ def _spec_marker(item: pytest.Item) -> pytest.Mark | None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     profile = profile_of(config)
     deviations = {d.check: d for d in profile.deviations}
-    writes_blocked = not profile.starts_servers and not config.getoption("allow_writes")
+    writes_blocked = not _writes_allowed(config)
+    disruption_blocked = not _disruption_allowed(config)
     for item in items:
         mark = _spec_marker(item)
         check_id = item.name
@@ -149,15 +217,78 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                     strict=not deviation.intermittent,
                 )
             )
-        if writes_blocked and item.get_closest_marker("writes") is not None:
+        if disruption_blocked and item.get_closest_marker("disruptive") is not None:
             item.add_marker(
                 pytest.mark.skip(
-                    reason=NOT_RUN_PREFIX + "this check writes; pass --allow-writes to let it "
-                    "write to a server the suite did not start"
+                    reason=not_run(
+                        NOT_RUN_DISRUPTIVE,
+                        "this check may crash, wedge or stop the server; pass "
+                        "--allow-disruptive to run it against a server the suite did not start",
+                    )
+                )
+            )
+        elif writes_blocked and item.get_closest_marker("writes") is not None:
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=not_run(
+                        NOT_RUN_WRITES,
+                        "this check writes; pass --allow-writes to let it write to a "
+                        "server the suite did not start",
+                    )
                 )
             )
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(CHECK_TIMEOUT))
+
+
+# --------------------------------------------------- a target that dies or wedges
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A gone target: the check is not run (a plain hook, so every wrapper still runs)."""
+    if item.get_closest_marker("skip") is not None:
+        return  # not run for its own reason (it writes, it is disruptive...)
+    if profile_of(item.config).running_server() is not None:
+        gone = item.config.stash[_gone_key].read()
+        if gone is not None:
+            pytest.skip(not_run(NOT_RUN_GONE, gone.describe()))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    """A server started for this check that ended during it fails the check, whatever it said."""
+    try:
+        return (yield)
+    finally:
+        _raise_if_a_server_ended(item)
+
+
+def _raise_if_a_server_ended(item: pytest.Item) -> None:
+    for server in item.stash.get(_servers_key, []):
+        how = server.unexpected_exit()
+        if how is not None:
+            server.expect_exit()  # reported once, here
+            raise ServerCrashed(how)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """After the check's own teardown: is the target the suite did not start still there?"""
+    result = yield
+    running = profile_of(item.config).running_server()
+    if running is None or not item.stash.get(_touched_key, False):
+        return result
+    state = item.config.stash[_gone_key]
+    if state.read() is not None:
+        return result
+    reason = probe(running)
+    if reason is None:
+        return result
+    workerinput = getattr(item.config, "workerinput", None)
+    worker = "" if workerinput is None else str(workerinput.get("workerid", ""))
+    gone = state.record(GoneRecord(check=item.nodeid, reason=reason, worker=worker))
+    raise TargetGone(f"{gone.describe()}; the remaining checks are not run")
 
 
 @pytest.hookimpl(wrapper=True)
@@ -206,7 +337,9 @@ def _clean(message: str) -> str:
     """The verdict text without the exception class of the suite's own verifiers."""
     for prefix in (
         "conformance.spec.SpecViolation: ",
-        "conformance.client.ServerTimeout: ",
+        "conformance.handle.ServerTimeout: ",
+        "conformance.liveness.ServerCrashed: ",
+        "conformance.liveness.TargetGone: ",
         "AssertionError: ",
     ):
         message = message.removeprefix(prefix)
@@ -266,16 +399,25 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         )
         for r in sorted(warnings, key=lambda r: r.nodeid):
             tr.write_line(f"WARNING {r.id} [{r.section}]: {r.message}")
-    not_run = [r for r in results if r.outcome == "not-run"]
-    if not_run:
-        tr.write_sep(
-            "=", f"checks not run: they write, and --allow-writes was not given ({len(not_run)})"
-        )
-        for r in sorted(not_run, key=lambda r: r.nodeid):
-            tr.write_line(f"NOT RUN {r.id} [{r.section}]")
+    left_out = [r for r in results if r.outcome == "not-run"]
+    if left_out:
+        tr.write_sep("=", f"checks not run ({len(left_out)})")
+        for r in sorted(left_out, key=lambda r: r.nodeid):
+            tr.write_line(f"NOT RUN {r.id} [{r.section}]: {not_run_reason(r.message)}")
+    gone = config.stash[_gone_key].read() if profile.running_server() is not None else None
+    if gone is not None:
+        tr.write_sep("=", "THE SERVER UNDER TEST IS GONE", red=True, bold=True)
+        tr.write_line(gone.describe(), red=True)
+    reappeared = [r for r in results if r.outcome == "xpassed"]
+    if reappeared:
+        tr.write_sep("=", f"intermittent known deviations not seen this run ({len(reappeared)})")
+        for r in sorted(reappeared, key=lambda r: r.nodeid):
+            tr.write_line(f"PASSED {r.id} [{r.section}]: {r.message}")
     tr.write_sep("=", f"NBD conformance: {describe_target(config, profile)}")
     # Full section paths are the point of the table: do not squeeze it to 80 columns.
     for line in render_table(section_table(results), width=max(tr._tw.fullwidth, 140)):
+        tr.write_line(line)
+    for line in _not_run_lines(not_run_counts(results)):
         tr.write_line(line)
     path = config.getoption("report")
     if path:
@@ -285,10 +427,26 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             target=describe_target(config, profile),
             strict=_strict(config),
             exitstatus=int(exitstatus),
+            target_gone=None if gone is None else gone.describe(),
         )
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
         tr.write_line(f"report written to {path}")
+
+
+#: What lifts each reason a check is not run.
+_NOT_RUN_HELP = {
+    NOT_RUN_WRITES: "they write to the export: --allow-writes lets them",
+    NOT_RUN_DISRUPTIVE: "they may crash, wedge or stop the server: --allow-disruptive lets them",
+    NOT_RUN_GONE: "the server stopped answering before their turn",
+}
+
+
+def _not_run_lines(counts: dict[str, int]) -> list[str]:
+    return [
+        f"not run: {count} ({_NOT_RUN_HELP.get(reason, reason)})"
+        for reason, count in sorted(counts.items())
+    ]
 
 
 def describe_target(config: pytest.Config, profile: Profile) -> str:
@@ -330,17 +488,25 @@ def tls_credentials() -> Iterator[Callable[[], str]]:
 
 @pytest.fixture
 def start_server(
-    nbd_profile: Profile, tls_credentials: Callable[[], str]
+    request: pytest.FixtureRequest, nbd_profile: Profile, tls_credentials: Callable[[], str]
 ) -> Iterator[Callable[..., Server]]:
     """``start_server(ServerConfig(...)) -> Server``: a fresh server, stopped at teardown.
 
     Skips the check with the reason when the profile cannot be put in that
-    configuration.
+    configuration.  Every connection to the server carries the check's write
+    permission; a server that ends during the check fails it.
     """
     started: list[tuple[Server, Path | None]] = []
+    permission = WritePermission(
+        marked=request.node.get_closest_marker("writes") is not None,
+        target_writable=_writes_allowed(request.config),
+        check=request.node.nodeid,
+    )
+    servers = request.node.stash.setdefault(_servers_key, [])
 
     def start(config: ServerConfig | None = None) -> Server:
         config = ServerConfig() if config is None else config
+        request.node.stash[_touched_key] = True  # probe the target after this check
         try:
             if config.minimum_block_size != 1 and not nbd_profile.sets_minimum_block_size:
                 raise ProfileCannotDo("no way to set a minimum block size")
@@ -355,14 +521,19 @@ def start_server(
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             raise
+        server.write_permission = permission
         started.append((server, workdir))
+        servers.append(server)
         return server
 
     yield start
+    ended = [how for server, _ in started if (how := server.unexpected_exit()) is not None]
     for server, workdir in reversed(started):
         server.stop()
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
+    if ended:
+        raise ServerCrashed(ended[0])
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 
 import nbd
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -231,6 +232,7 @@ def make_machine(export):
     return ExportMachine
 
 
+@pytest.mark.writes
 @spec(
     "Values / Handshake phase / Flag fields / Transmission flags",
     MUST,

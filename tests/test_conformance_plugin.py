@@ -95,7 +95,7 @@ def test_verdicts(tmp_path, workers):
     assert checks["test_must_fail"]["section"] == "Sec / A"
     assert "WARNING test_should_fail [Sec / B]" in stdout
     total = [line for line in stdout.splitlines() if line.startswith("TOTAL")]
-    assert total[0].split() == ["TOTAL", "6", "2", "1", "1", "1", "1", "0"]
+    assert total[0].split() == ["TOTAL", "6", "2", "1", "1", "1", "1", "0", "0"]
 
 
 def test_strict_turns_should_failures_into_failures(tmp_path):
@@ -108,6 +108,7 @@ def test_writes_are_not_run_against_a_server_the_suite_did_not_start(tmp_path):
     _status, checks, stdout = run_suite(tmp_path, "--uri", "nbd+unix:///?socket=/nonexistent")
     assert checks["test_writes"]["outcome"] == "not-run"
     assert "--allow-writes" in checks["test_writes"]["message"]
-    assert "NOT RUN test_writes [Sec / C]" in stdout
+    assert "NOT RUN test_writes [Sec / C]: writes" in stdout
+    assert "not run: 1 (they write to the export: --allow-writes lets them)" in stdout
     _, checks, _ = run_suite(tmp_path, "--uri", "nbd+unix:///?socket=/x", "--allow-writes")
     assert checks["test_writes"]["outcome"] == "passed"

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 from conformance.report import (
+    NOT_RUN_DISRUPTIVE,
+    NOT_RUN_GONE,
     NOT_RUN_PREFIX,
+    NOT_RUN_WRITES,
     Collector,
     classify,
+    not_run,
+    not_run_counts,
     render_table,
     section_table,
     to_json,
@@ -100,9 +105,10 @@ def test_section_table_counts_per_column():
         "warnings": 0,
         "known": 0,
         "unsupported": 1,
+        "not-run": 0,
         "skipped": 0,
     }
-    assert rows["C"]["skipped"] == 1 and rows["C"]["warnings"] == 1
+    assert rows["C"]["not-run"] == 1 and rows["C"]["warnings"] == 1
     assert rows["TOTAL"]["checks"] == 5
     lines = render_table(section_table(c.results.values()), width=80)
     assert lines[0].split() == [
@@ -113,9 +119,10 @@ def test_section_table_counts_per_column():
         "warnings",
         "known",
         "unsupported",
+        "not-run",
         "skipped",
     ]
-    assert lines[-1].split() == ["TOTAL", "5", "1", "1", "1", "0", "1", "1"]
+    assert lines[-1].split() == ["TOTAL", "5", "1", "1", "1", "0", "1", "1", "0"]
     assert all(len(line) <= 80 for line in lines)
 
 
@@ -144,3 +151,25 @@ def test_json_report_lists_every_check():
         "duration": 0.1,
     }
     assert document["summary"]["failed"] == 1
+
+
+def test_intermittent_deviation_not_seen_counts_as_passed():
+    """A run that exits 0 shows no failure: an xpassed intermittent deviation is a pass."""
+    c = Collector()
+    add(c, "a", "call", "passed", wasxfail="known nbdkit deviation (intermittent)")
+    assert c.results["a"].outcome == "xpassed"
+    total = section_table(c.results.values())[-1]
+    assert total["passed"] == 1 and total["failed"] == 0
+
+
+def test_not_run_checks_are_counted_by_reason():
+    c = Collector()
+    add(c, "a", "setup", "skipped", not_run(NOT_RUN_WRITES, "pass --allow-writes"))
+    add(c, "b", "setup", "skipped", not_run(NOT_RUN_DISRUPTIVE, "pass --allow-disruptive"))
+    add(c, "c", "setup", "skipped", not_run(NOT_RUN_DISRUPTIVE, "pass --allow-disruptive"))
+    add(c, "d", "setup", "skipped", not_run(NOT_RUN_GONE, "it died during t.py::x"))
+    assert not_run_counts(c.results.values()) == {"writes": 1, "disruptive": 2, "server gone": 1}
+    document = json.loads(to_json(c.results.values(), target_gone="it died during t.py::x"))
+    assert document["not_run"] == {"writes": 1, "disruptive": 2, "server gone": 1}
+    assert document["summary"]["not-run"] == 4
+    assert document["target_gone"] == "it died during t.py::x"

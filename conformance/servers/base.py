@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
+
 MiB = 1024 * 1024
 DEFAULT_SIZE = 64 * MiB
 
@@ -112,7 +114,7 @@ class Server:
         socket_path: str | None = None,
         address: tuple[str, int] | None = None,
         started_by_suite: bool = True,
-        writes_allowed: bool = True,
+        write_permission: WritePermission | None = None,
         tls_dir: str | None = None,
         profile: str = "",
     ) -> None:
@@ -122,7 +124,11 @@ class Server:
         self.socket_path = socket_path
         self.address = address
         self.started_by_suite = started_by_suite
-        self.writes_allowed = writes_allowed
+        # Set for each check by the plugin's start_server fixture; until then a
+        # server the suite did not start is never written to.
+        if write_permission is None:
+            write_permission = UNRESTRICTED if started_by_suite else READ_ONLY
+        self.write_permission = write_permission
         self.tls_dir = tls_dir
         self.profile = profile
         self._handles: list[Any] = []
@@ -191,6 +197,30 @@ class Server:
     def stop(self) -> None:
         self.close_clients()
 
+    def expect_exit(self) -> None:
+        """The running check is about to make the server exit (a shutdown check)."""
+
+    def unexpected_exit(self) -> str | None:
+        """How the server ended, if it did so on its own; None while it runs.
+
+        Only servers the suite started can say (see :class:`LocalServer`).
+        """
+        return None
+
+
+def describe_exit(status: int | None) -> str:
+    """'the server crashed (signal 11, SIGSEGV)' for a returncode of -11."""
+    if status is None:
+        return "the server exited"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "unknown signal"
+        verb = "was killed" if -status in (signal.SIGTERM, signal.SIGKILL) else "crashed"
+        return f"the server {verb} (signal {-status}, {name})"
+    return f"the server exited with status {status}"
+
 
 def unix_uri(export_name: str, socket_path: str, tls: bool = False) -> str:
     scheme = "nbds+unix" if tls else "nbd+unix"
@@ -225,6 +255,8 @@ class LocalServer(Server):
     ) -> None:
         super().__init__(**kwargs)
         self.argv = list(argv)
+        self._stopping = False
+        self._exit_expected = False
         self.workdir = workdir
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -249,6 +281,20 @@ class LocalServer(Server):
     def is_running(self) -> bool:
         return self.process.poll() is None
 
+    def exit_status(self) -> int | None:
+        """The process's returncode (negative: killed by that signal), once it ended."""
+        return self.process.poll()
+
+    def expect_exit(self) -> None:
+        self._exit_expected = True
+
+    def unexpected_exit(self) -> str | None:
+        if self._stopping or self._exit_expected or self.is_running():
+            return None
+        tail = self.log_tail().rstrip()
+        log = f"; its log ends:\n{tail}" if tail else "; its log is empty"
+        return f"{describe_exit(self.exit_status())} during the check{log}"
+
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Wait until the Unix socket listens; fail with the server's output if it died."""
         assert self.socket_path is not None
@@ -269,6 +315,7 @@ class LocalServer(Server):
             delay = min(delay * 2, 0.05)
 
     def stop(self) -> None:
+        self._stopping = True
         super().stop()
         proc = self.process
         if proc.poll() is None:
@@ -294,6 +341,13 @@ class Profile:
 
     def check_config(self, config: ServerConfig) -> None:
         """Raise ProfileCannotDo if the server cannot be put in CONFIG."""
+
+    def running_server(self) -> Server | None:
+        """The one server that runs for the whole session, for a profile that starts none.
+
+        The plugin probes it after every check (:mod:`conformance.liveness`).
+        """
+        return None
 
     def export_name(self, config: ServerConfig) -> str:
         return config.export_name

@@ -76,10 +76,12 @@ class UriProfile(Profile):
             socket_path=p.socket_path,
             address=(p.host, p.port) if p.host is not None else None,
             started_by_suite=False,
-            writes_allowed=self.allow_writes,
             tls_dir=p.tls_certificates,
             profile=self.name,
         )
+
+    def running_server(self) -> Server:
+        return self.server(ServerConfig(tls=self.parsed.tls))
 
     def read_only(self) -> bool:
         """Whether the server advertises NBD_FLAG_READ_ONLY (asked once)."""

@@ -6,7 +6,10 @@ names, STARTTLS at any point.  Every socket operation has a timeout; a server
 that stalls makes the check fail with a message, never hang.
 
 The client tracks just enough negotiated state (structured replies, extended
-headers, TLS) to frame the server's replies; it never refuses to send.
+headers, TLS) to frame the server's replies; it never refuses to send, with
+one exception: a request that changes data (write, trim, write-zeroes) goes
+only where the connection's :class:`~conformance.guard.WritePermission`
+allows it, and is refused before anything is sent otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import ssl
 import struct
 import time
 from typing import Protocol
+
+from conformance.guard import UNRESTRICTED, WRITE_COMMANDS, WritePermission
 
 from . import messages as m
 from .constants import (
@@ -57,9 +62,18 @@ class _HasOpenSocket(Protocol):
 class WireClient:
     """One connection to an NBD server, driven message by message."""
 
-    def __init__(self, sock: socket.socket, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float = 10.0,
+        permission: WritePermission = UNRESTRICTED,
+    ) -> None:
         self.sock: socket.socket = sock
         self.timeout = timeout
+        self.permission = permission
+        # In the transmission phase, raw bytes sent are checked for write requests.
+        self.transmitting = False
         sock.settimeout(timeout)
         self.greeting: m.Greeting | None = None
         self.client_flags: int | None = None
@@ -73,7 +87,8 @@ class WireClient:
 
     @classmethod
     def connect(cls, server: _HasOpenSocket, *, timeout: float = 10.0) -> WireClient:
-        return cls(server.open_socket(timeout=timeout), timeout=timeout)
+        permission = getattr(server, "write_permission", UNRESTRICTED)
+        return cls(server.open_socket(timeout=timeout), timeout=timeout, permission=permission)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -92,6 +107,8 @@ class WireClient:
     # ------------------------------------------------------------ raw bytes
 
     def send(self, data: bytes) -> None:
+        if self.transmitting:
+            self.permission.require_for_bytes(data)
         try:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -199,7 +216,10 @@ class WireClient:
     def option(self, option: int, data: bytes = b"", *, length: int | None = None) -> OptionResult:
         """Send one option and read every reply up to the final one."""
         self.send_option(option, data, length=length)
-        return self.recv_option_result()
+        result = self.recv_option_result()
+        if option == Opt.GO and result.ok:
+            self.transmitting = True
+        return result
 
     def export_name(self, name: bytes) -> ExportNameResult:
         """NBD_OPT_EXPORT_NAME: enter transmission, or raise Disconnected."""
@@ -209,6 +229,7 @@ class WireClient:
         if not (self.client_flags or 0) & ClientFlag.C_NO_ZEROES:
             zeroes = self.recv_exactly(EXPORT_NAME_ZEROES, "reserved zeroes")
         self.log.append(f"S: export size={export.size} flags={export.flags!r}")
+        self.transmitting = True
         return ExportNameResult(export, zeroes)
 
     def info(self, name: bytes, infos: tuple[int, ...] = (Info.BLOCK_SIZE,)) -> OptionResult:
@@ -300,6 +321,8 @@ class WireClient:
         magic: int | None = None,
     ) -> int:
         """Send one request exactly as told; returns its cookie."""
+        if cmd in WRITE_COMMANDS:
+            self.permission.require(WRITE_COMMANDS[cmd])
         if cookie is None:
             cookie = self._next_cookie
             self._next_cookie += 1
