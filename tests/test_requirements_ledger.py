@@ -313,6 +313,26 @@ def test_every_key_word_sentence_is_in_the_ledger_exactly_once():
     assert audit.sentence_problems(ENTRIES, extract.spec_classifiable()) == []
 
 
+def test_a_new_key_word_sentence_in_the_spec_is_caught():
+    """What a new spec revision with a new MUST does: the ledger test names it."""
+    proto = extract.PROTO.read_text() + "\n## A new section\n\nThe server MUST frobnicate.\n"
+    extension = extract.EXTENSION.read_text()
+    problems = audit.sentence_problems(ENTRIES, extract.classifiable(proto, extension))
+    assert len(problems) == 1
+    assert "not in the ledger" in problems[0] and "frobnicate" in problems[0]
+
+
+def test_a_reworded_sentence_in_the_spec_is_caught():
+    proto = extract.PROTO.read_text().replace(
+        "The server MUST reply with `NBD_REP_ACK`.",
+        "The server MUST reply with `NBD_REP_ACK` at once.",
+    )
+    extension = extract.EXTENSION.read_text()
+    problems = audit.sentence_problems(ENTRIES, extract.classifiable(proto, extension))
+    assert any("at once" in p for p in problems)
+    assert any("no such key-word sentence" in p for p in problems)
+
+
 def test_every_entry_is_well_formed():
     assert audit.entry_problems(ENTRIES) == []
 

@@ -462,8 +462,27 @@ class TraceabilityDirective(SphinxDirective):
                 section += _para("Checked in full:")
                 section += nodes.bullet_list("", *(_entry_item(e) for e in checked))
             result.append(section)
+        result += self._miscited(entries)
         result += self._unmapped(checks)
         return result
+
+    def _miscited(self, entries: list[Entry]) -> list[nodes.Node]:
+        """Checks whose ``quote=`` names a sentence they do not test: the lead's fix list."""
+        items = nodes.bullet_list()
+        for entry in entries:
+            for name in entry.miscited:
+                items += nodes.list_item(
+                    "",
+                    _para(
+                        nodes.literal(text=name),
+                        " quotes ",
+                        nodes.literal(text=entry.id),
+                        f" ({entry.level}): {entry.note}",
+                    ),
+                )
+        if not len(items):
+            return []
+        return [nodes.rubric(text="Checks that quote a sentence they do not test"), items]
 
     def _summary(self, entries: list[Entry], checks: list[Check]) -> nodes.Node:
         testable = [e for e in entries if e.testable]
