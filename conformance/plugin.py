@@ -50,6 +50,7 @@ from conformance.report import (
     section_table,
     to_json,
 )
+from conformance.requirements.coverage import coverage_lines
 from conformance.servers import PROFILES, Profile, ProfileCannotDo, Server, ServerConfig
 from conformance.servers.command import CommandProfile
 from conformance.servers.uri import UriProfile
@@ -418,6 +419,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     for line in render_table(section_table(results), width=max(tr._tw.fullwidth, 140)):
         tr.write_line(line)
     for line in _not_run_lines(not_run_counts(results)):
+        tr.write_line(line)
+    # What the suite as a whole can say (the requirement ledger, docs/traceability).
+    for line in coverage_lines():
         tr.write_line(line)
     path = config.getoption("report")
     if path:
