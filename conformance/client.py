@@ -95,7 +95,15 @@ def open_handle(
         permission=getattr(server, "write_permission", UNRESTRICTED),
         timeout=command_timeout,
     )
-    handle.connected()
+    asked = [
+        f"meta contexts {list(meta_contexts)}" if meta_contexts else "",
+        "" if structured_replies else "no structured replies",
+        f"strict mode {strict:#x}" if strict is not None else "",
+        "TLS" if use_tls else "",
+        "option mode" if opt_mode else "",
+    ]
+    how = ", ".join(a for a in asked if a)
+    handle.connected(f" ({how})" if how else "")
     return handle
 
 

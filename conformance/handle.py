@@ -11,7 +11,10 @@ reading like libnbd's Python API while
 - each request that changes data (``pwrite``, ``trim``, ``zero`` and their
   ``aio_`` forms) first asks the connection's
   :class:`~conformance.guard.WritePermission`, so nothing is sent to a target
-  that may not be written.
+  that may not be written;
+- each call is written to the check's evidence (:mod:`conformance.evidence`)
+  with its arguments and its result or error, so that a failure shows the
+  sequence of libnbd calls that led to it.
 
 libnbd releases the GIL while it waits, so the watchdog thread runs while a
 call blocks; it needs the socket's descriptor, which is read once after
@@ -32,6 +35,7 @@ from typing import Any
 
 import nbd
 
+from conformance import evidence
 from conformance.guard import UNRESTRICTED, WritePermission
 
 #: Seconds a check waits for any one reply before the server is deemed stuck.
@@ -146,6 +150,24 @@ WRITING_CALLS = {
 }
 
 
+#: Calls made in polling loops or for bookkeeping: not worth a line of evidence.
+UNRECORDED_CALLS = {
+    "poll",
+    "aio_command_completed",
+    "aio_peek_command_completed",
+    "aio_get_fd",
+    "aio_get_direction",
+    "aio_notify_read",
+    "aio_notify_write",
+    "aio_in_flight",
+    "get_handle_name",
+}
+
+
+def _recorded(name: str) -> bool:
+    return name not in UNRECORDED_CALLS and not name.startswith("aio_is_")
+
+
 class Handle:
     """An ``nbd.NBD`` with deadlines on blocking calls and permission for writes.
 
@@ -163,32 +185,51 @@ class Handle:
         self.permission = permission
         self.timeout = timeout
         self._fd: int | None = None
+        self.name = evidence.connection("nbd")
 
     def __repr__(self) -> str:
         return f"<Handle {self.nbd.get_handle_name()}>"
 
-    def connected(self) -> None:
-        """Note the socket once connected (see the module docstring)."""
+    def connected(self, how: str = "") -> None:
+        """Note the socket once connected (see the module docstring), and HOW in the evidence."""
         with contextlib.suppress(nbd.Error):
             self._fd = self.nbd.aio_get_fd()
+        with contextlib.suppress(nbd.Error):
+            evidence.record(
+                self.name,
+                f"connected{how}: export {self.nbd.get_export_name()!r}, "
+                f"{'negotiating' if self.nbd.aio_is_negotiating() else 'ready'}",
+            )
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.nbd, name)
-        writes = WRITING_CALLS.get(name)
-        sends = BLOCKING_CALLS.get(name)
-        if writes is None and sends is None:
+        if not callable(attr) or not _recorded(name):
             return attr
-        return self._guarded(attr, writes, sends)
+        return self._guarded(name, attr, WRITING_CALLS.get(name), BLOCKING_CALLS.get(name))
 
     def _guarded(
-        self, call: Callable[..., Any], writes: str | None, sends: str | None
+        self, name: str, call: Callable[..., Any], writes: str | None, sends: str | None
     ) -> Callable[..., Any]:
         def guarded(*args: Any, **kwargs: Any) -> Any:
-            if writes is not None:
-                self.permission.require(writes)
-            if sends is None or self._fd is None:
-                return call(*args, **kwargs)
-            return self._bounded(call, sends, args, kwargs)
+            shown = ", ".join(
+                [evidence.summarise(a) for a in args]
+                + [f"{k}={evidence.summarise(v)}" for k, v in kwargs.items()]
+            )
+            try:
+                if writes is not None:
+                    self.permission.require(writes)
+                if sends is None or self._fd is None:
+                    result = call(*args, **kwargs)
+                else:
+                    result = self._bounded(call, sends, args, kwargs)
+            except nbd.Error as err:
+                evidence.record(self.name, f"{name}({shown}) -> nbd.Error: {err.string}")
+                raise
+            except Exception as err:
+                evidence.record(self.name, f"{name}({shown}) -> {type(err).__name__}: {err}")
+                raise
+            evidence.record(self.name, f"{name}({shown}) -> {evidence.summarise(result)}")
+            return result
 
         return guarded
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from conformance import evidence
 from conformance.guard import WritePermission
 from conformance.liveness import GoneRecord, GoneState, ServerCrashed, TargetGone, probe
 from conformance.report import (
@@ -248,6 +249,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A gone target: the check is not run (a plain hook, so every wrapper still runs)."""
+    evidence.begin()
     if item.get_closest_marker("skip") is not None:
         return  # not run for its own reason (it writes, it is disruptive...)
     if profile_of(item.config).running_server() is not None:
@@ -276,16 +278,24 @@ def _raise_if_a_server_ended(item: pytest.Item) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
     """After the check's own teardown: is the target the suite did not start still there?"""
-    result = yield
+    try:
+        result = yield
+        _probe_after(item)
+    finally:
+        evidence.end()
+    return result
+
+
+def _probe_after(item: pytest.Item) -> None:
     running = profile_of(item.config).running_server()
     if running is None or not item.stash.get(_touched_key, False):
-        return result
+        return
     state = item.config.stash[_gone_key]
     if state.read() is not None:
-        return result
+        return
     reason = probe(running)
     if reason is None:
-        return result
+        return
     workerinput = getattr(item.config, "workerinput", None)
     worker = "" if workerinput is None else str(workerinput.get("workerid", ""))
     gone = state.record(GoneRecord(check=item.nodeid, reason=reason, worker=worker))
@@ -295,6 +305,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
+    _attach_evidence(item, report)
     if (
         report.when == "call"
         and report.failed
@@ -312,6 +323,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.user_properties.append(("nbd_verdict", "warning"))
             report.user_properties.append(("nbd_message", f"{mark.kwargs['level']}: {message}"))
     return report
+
+
+def _attach_evidence(item: pytest.Item, report: pytest.TestReport) -> None:
+    """A failing check (a warning is a SHOULD failure) or a known deviation carries
+    what went over the wire.
+
+    Attached before a SHOULD failure becomes a warning (below), and to the item
+    as well as to this report, so that the teardown report, the one pytest's
+    JUnit writer reads, carries it too.
+    """
+    transcript = evidence.current()
+    if transcript is None or not transcript.total:
+        return
+    if not (report.failed or (report.skipped and hasattr(report, "wasxfail"))):
+        return
+    if any(name == "nbd_evidence" for name, _ in item.user_properties):
+        return
+    entry = ("nbd_evidence", transcript.text())
+    item.user_properties.append(entry)
+    report.user_properties.append(entry)
 
 
 def _properties(report: pytest.TestReport) -> dict[str, Any]:

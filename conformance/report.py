@@ -77,6 +77,8 @@ class CheckResult:
     outcome: str = "passed"
     message: str = ""
     duration: float = 0.0
+    #: What went over the wire (conformance/evidence.py), for failures and warnings.
+    evidence: str | None = None
 
     def merge(self, outcome: str, message: str) -> None:
         """Fold in one phase (setup, call, teardown): the worst verdict wins."""
@@ -134,6 +136,8 @@ class Collector:
             )
             self.results[nodeid] = result
         result.duration += duration
+        if result.evidence is None and properties.get("nbd_evidence"):
+            result.evidence = str(properties["nbd_evidence"])
         verdict = properties.get("nbd_verdict")
         phase = classify(
             when,

@@ -149,6 +149,7 @@ def test_json_report_lists_every_check():
         "outcome": "failed",
         "message": "expected X, actual Y",
         "duration": 0.1,
+        "evidence": None,
     }
     assert document["summary"]["failed"] == 1
 
@@ -173,3 +174,12 @@ def test_not_run_checks_are_counted_by_reason():
     assert document["not_run"] == {"writes": 1, "disruptive": 2, "server gone": 1}
     assert document["summary"]["not-run"] == 4
     assert document["target_gone"] == "it died during t.py::x"
+
+
+def test_evidence_of_a_failure_reaches_the_json_report():
+    c = Collector()
+    props = {**PROPS, "nbd_evidence": "wire#1 C: READ ...\nwire#1 S: <connection closed>"}
+    add(c, "t.py::a", "call", "failed", "boom", props=props)
+    add(c, "t.py::a", "teardown", "passed", props=props)
+    document = json.loads(to_json(c.results.values()))
+    assert document["checks"][0]["evidence"].endswith("S: <connection closed>")

@@ -116,6 +116,12 @@ class FakeNBD:
     def get_handle_name(self) -> str:
         return "fake"
 
+    def get_export_name(self) -> str:
+        return ""
+
+    def aio_is_negotiating(self) -> bool:
+        return False
+
     def _wait(self, name: str) -> bytes:
         self.calls.append(name)
         data = self.ours.recv(16)
@@ -204,3 +210,39 @@ def test_the_watchdog_never_fires_after_disarm() -> None:
     assert spared_peer.recv(1) == b"x"
     for sock in (spared, spared_peer, stuck, stuck_peer):
         sock.close()
+
+
+# ------------------------------------------------------------------- the evidence
+
+
+def test_calls_and_frames_are_recorded_in_the_running_check_s_transcript() -> None:
+    from conformance import evidence
+
+    transcript = evidence.begin()
+    try:
+        handle, fake = _handle(NOT_ALLOWED, timeout=30)
+        fake.peer.sendall(b"abcd")
+        handle.pread(4, 0)
+        with pytest.raises(WritesNotAllowed):
+            handle.pwrite(b"\x01" * 100, 0)
+        client = WireClient(_Sink(), permission=UNRESTRICTED)  # type: ignore[arg-type]
+        client.send_request(Cmd.READ, 0, 512, cookie=0xFEDCBA9876543210)
+    finally:
+        assert evidence.end() is transcript
+    text = transcript.text()
+    assert "nbd#1 pread(4, 0) -> <4 bytes 61626364>" in text, text
+    assert "nbd#1 pwrite(<100 bytes 01010101" in text and "WritesNotAllowed" in text, text
+    assert "wire#2 C: READ flags=0x0 cookie=0xfedcba9876543210 offset=0 length=512" in text, text
+    assert "[25609513" in text, "the request's header in hex"
+
+
+def test_the_transcript_keeps_the_end_and_says_what_it_dropped() -> None:
+    from conformance.evidence import MAX_LINE, Transcript
+
+    transcript = Transcript(limit=3)
+    for i in range(10):
+        transcript.add("wire#1", f"line {i} " + "x" * 1000)
+    lines = transcript.text().splitlines()
+    assert lines[0] == "... 7 earlier lines not kept"
+    assert lines[-1].startswith("wire#1 line 9")
+    assert all(len(line) <= MAX_LINE + len("wire#1 ") for line in lines)
