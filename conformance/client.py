@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import nbd
 
-from conformance.guard import UNRESTRICTED
+from conformance.guard import UNRESTRICTED, WritePermission
 from conformance.handle import DEFAULT_TIMEOUT, Handle, ServerTimeout
+from conformance.target import Target
 
-if TYPE_CHECKING:
-    from conformance.servers.base import Server
+
+class _Connectable(Protocol):
+    def connect(self, n: int = 1, **opts: Any) -> Any: ...
+
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -43,8 +46,10 @@ def _poll_until(h: Any, done: Any, timeout: float, what: str) -> None:
 
 
 def open_handle(
-    server: Server,
+    target: Target,
     *,
+    permission: WritePermission = UNRESTRICTED,
+    handle_name: str = "conformance",
     export_name: str | None = None,
     meta_contexts: Iterable[str] = (),
     strict: int | None = None,
@@ -56,14 +61,14 @@ def open_handle(
     timeout: float = DEFAULT_TIMEOUT,
     command_timeout: float = DEFAULT_TIMEOUT,
 ) -> Handle:
-    """One libnbd handle connected to SERVER (see :meth:`Server.connect`).
+    """One libnbd handle connected to TARGET (see :meth:`Server.connect` for the options).
 
     Its blocking calls wait at most COMMAND_TIMEOUT seconds for a reply, and
-    its writes need the server's write permission for the running check.
+    its writes need PERMISSION (the running check's, on a server's handles).
     """
     h = nbd.NBD()
-    h.set_handle_name(f"conformance-{server.profile}")
-    h.set_export_name(server.export_name if export_name is None else export_name)
+    h.set_handle_name(handle_name)
+    h.set_export_name(target.export_name if export_name is None else export_name)
     for name in meta_contexts:
         h.add_meta_context(name)
     h.set_request_structured_replies(structured_replies)
@@ -73,28 +78,23 @@ def open_handle(
         h.set_strict_mode(strict)
     if opt_mode:
         h.set_opt_mode(True)
-    use_tls = server.tls if tls is None else tls
+    use_tls = target.tls if tls is None else tls
     if use_tls:
         h.set_tls(nbd.TLS_REQUIRE)
-        if server.tls_dir:
-            h.set_tls_certificates(server.tls_dir)
+        if target.tls_dir:
+            h.set_tls_certificates(target.tls_dir)
     else:
         h.set_tls(nbd.TLS_DISABLE)
-    if server.socket_path is not None:
-        h.aio_connect_unix(server.socket_path)
-    elif server.address is not None:
-        h.aio_connect_tcp(server.address[0], str(server.address[1]))
+    if target.socket_path is not None:
+        h.aio_connect_unix(target.socket_path)
     else:
-        raise ValueError(f"{server!r} has neither a socket path nor an address")
+        assert target.address is not None
+        h.aio_connect_tcp(target.address[0], str(target.address[1]))
     if opt_mode:
         _poll_until(h, lambda: h.aio_is_negotiating() or h.aio_is_ready(), timeout, "handshake")
     else:
         _poll_until(h, h.aio_is_ready, timeout, "handshake")
-    handle = Handle(
-        h,
-        permission=getattr(server, "write_permission", UNRESTRICTED),
-        timeout=command_timeout,
-    )
+    handle = Handle(h, permission=permission, timeout=command_timeout)
     asked = [
         f"meta contexts {list(meta_contexts)}" if meta_contexts else "",
         "" if structured_replies else "no structured replies",
@@ -151,7 +151,7 @@ def wait_all(
     return [results[c] for c in pending]
 
 
-def try_connect(server: Server, timeout: float = 3.0, **opts: Any) -> Handle | str:
+def try_connect(server: _Connectable, timeout: float = 3.0, **opts: Any) -> Handle | str:
     """A connected handle, or the reason a connection could not be made in time."""
     try:
         return server.connect(timeout=timeout, **opts)

@@ -75,12 +75,19 @@ def probe(server: Any, timeout: float = PROBE_TIMEOUT) -> str | None:
     import nbd
 
     from conformance.client import close_handle, open_handle
+    from conformance.guard import READ_ONLY
     from conformance.handle import ServerTimeout
 
     deadline = time.monotonic() + REFUSED_GRACE
     while True:
         try:
-            h = open_handle(server, timeout=timeout, command_timeout=timeout)
+            h = open_handle(
+                server.target,
+                permission=READ_ONLY,
+                handle_name="conformance-probe",
+                timeout=timeout,
+                command_timeout=timeout,
+            )
             break
         except ServerTimeout as err:
             return f"it accepts connections but does not negotiate ({err})"

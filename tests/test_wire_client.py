@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conformance import tlsutil
+from conformance.servers.base import unix_socket_listening
 from conformance.spec import SpecViolation
 from conformance.wire import (
     AllocationState,
@@ -161,7 +162,8 @@ def _start_qemu(tmp_path: Path, *extra: str) -> Iterator[Path]:
     )
     try:
         deadline = time.monotonic() + 15
-        while not sock.exists():
+        # qemu-nbd creates the socket at bind(), before listen(): wait for listening.
+        while not unix_socket_listening(str(sock)):
             assert proc.poll() is None, (tmp_path / "qemu-nbd.log").read_text()
             assert time.monotonic() < deadline, "qemu-nbd did not start listening"
             time.sleep(0.01)

@@ -19,9 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
+from conformance.client import close_handle, open_handle
 from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
+from conformance.target import Target, unix_target
 
 MiB = 1024 * 1024
 DEFAULT_SIZE = 64 * MiB
@@ -103,33 +104,31 @@ def unix_socket_listening(path: str) -> bool:
 
 
 class Server:
-    """A server the checks talk to (started by the suite or not)."""
+    """A server the checks talk to (started by the suite or not).
+
+    Where it is reached is its :class:`~conformance.target.Target`; what it
+    adds is bookkeeping: the configuration it was started in, the write
+    permission of the running check, and every connection made through it,
+    closed at teardown.
+    """
 
     def __init__(
         self,
         *,
-        uri: str,
-        export_name: str,
+        target: Target,
         config: ServerConfig,
-        socket_path: str | None = None,
-        address: tuple[str, int] | None = None,
         started_by_suite: bool = True,
         write_permission: WritePermission | None = None,
-        tls_dir: str | None = None,
         profile: str = "",
     ) -> None:
-        self.uri = uri
-        self.export_name = export_name
+        self.target = target
         self.config = config
-        self.socket_path = socket_path
-        self.address = address
         self.started_by_suite = started_by_suite
-        # Set for each check by the plugin's start_server fixture; until then a
-        # server the suite did not start is never written to.
+        # Set for each check by the start_server fixture; until then a server
+        # the suite did not start is never written to.
         if write_permission is None:
             write_permission = UNRESTRICTED if started_by_suite else READ_ONLY
         self.write_permission = write_permission
-        self.tls_dir = tls_dir
         self.profile = profile
         self._handles: list[Any] = []
         self._sockets: list[socket.socket] = []
@@ -137,31 +136,34 @@ class Server:
     def __repr__(self) -> str:
         return f"<Server {self.profile} {self.uri}>"
 
+    # Where the server is, as the checks have always asked for it.
+    @property
+    def uri(self) -> str:
+        return self.target.uri
+
+    @property
+    def export_name(self) -> str:
+        return self.target.export_name
+
+    @property
+    def socket_path(self) -> str | None:
+        return self.target.socket_path
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self.target.address
+
+    @property
+    def tls_dir(self) -> str | None:
+        return self.target.tls_dir
+
     @property
     def tls(self) -> bool:
-        return self.uri.startswith("nbds")
+        return self.target.tls
 
     def open_socket(self, timeout: float = 10.0) -> socket.socket:
         """A raw connected socket (for the raw-wire client), closed at teardown."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.socket_path is not None:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.settimeout(timeout)
-                    try:
-                        sock.connect(self.socket_path)
-                    except OSError:
-                        sock.close()
-                        raise
-                else:
-                    assert self.address is not None
-                    sock = socket.create_connection(self.address, timeout=timeout)
-                break
-            except (ConnectionRefusedError, FileNotFoundError):
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.01)
+        sock = self.target.open_socket(timeout)
         self._sockets.append(sock)
         return sock
 
@@ -175,19 +177,16 @@ class Server:
         ask for NAME and DESCRIPTION), ``tls`` (default: as the server),
         ``opt_mode`` (stop in option negotiation), ``timeout`` (seconds).
         """
-        from conformance.client import open_handle
-
         handles = []
         for _ in range(n):
-            h = open_handle(self, **opts)
+            opts.setdefault("handle_name", f"conformance-{self.profile}")
+            h = open_handle(self.target, permission=self.write_permission, **opts)
             self._handles.append(h)
             handles.append(h)
         return handles[0] if n == 1 else handles
 
     def close_clients(self) -> None:
         """Disconnect every handle and socket opened through this server."""
-        from conformance.client import close_handle
-
         while self._handles:
             close_handle(self._handles.pop())
         while self._sockets:
@@ -220,11 +219,6 @@ def describe_exit(status: int | None) -> str:
         verb = "was killed" if -status in (signal.SIGTERM, signal.SIGKILL) else "crashed"
         return f"the server {verb} (signal {-status}, {name})"
     return f"the server exited with status {status}"
-
-
-def unix_uri(export_name: str, socket_path: str, tls: bool = False) -> str:
-    scheme = "nbds+unix" if tls else "nbd+unix"
-    return f"{scheme}:///{quote(export_name, safe='')}?socket={quote(socket_path, safe='/')}"
 
 
 def _die_with_parent() -> None:
@@ -379,11 +373,10 @@ class Profile:
             log_path=workdir / "server.log",
             env=self.env(),
             cwd=self.cwd(),
-            uri=unix_uri(export, socket_path, config.tls),
-            export_name=export,
+            target=unix_target(
+                export, socket_path, config.tls, tls_dir=tls_dir if config.tls else None
+            ),
             config=config,
-            socket_path=socket_path,
-            tls_dir=tls_dir if config.tls else None,
             profile=self.name,
         )
         try:
