@@ -7,6 +7,7 @@ import struct
 import threading
 
 from reference_server.backends.memory import MemoryBackend
+from reference_server.dispatch import execute
 from reference_server.protocol.constants import (
     Command,
     CommandFlag,
@@ -16,8 +17,8 @@ from reference_server.protocol.constants import (
     Reply,
     TransmissionFlag,
 )
-from reference_server.protocol.events import Command as CommandEvent
 from reference_server.protocol.events import EnterTransmission
+from reference_server.protocol.events import Request as RequestEvent
 from reference_server.protocol.export import ExportInfo
 from reference_server.protocol.handshake import Handshake
 from reference_server.protocol.transmission import Transmission
@@ -100,8 +101,8 @@ def _session_trace() -> list[str]:
     tx = Transmission(event.negotiated, trace=tracer)
     tx.receive_data(struct.pack(">IHHQQI", 0x25609513, 0, Command.READ, 7, 0, 512))
     cmd = tx.next_event()
-    assert isinstance(cmd, CommandEvent)
-    tx.execute(cmd, MemoryBackend(1 << 20))
+    assert isinstance(cmd, RequestEvent)
+    execute(tx.replies, cmd, MemoryBackend(1 << 20))
     tx.receive_data(struct.pack(">IHHQQI", 0x25609513, 0, 42, 8, 0, 0))
     tx.next_event()
     return out.getvalue().splitlines()
