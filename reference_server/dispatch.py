@@ -33,12 +33,12 @@ def execute(replies: ReplyBuilder, request: Request, backend: Backend) -> list[B
     """Run one validated request; return the buffers of its whole reply."""
     header = request.header
     command = header.command
-    fua = bool(header.flags & _FUA)
     try:
         if command == Command.READ:
             return _read(replies, header, backend)
         if command == Command.BLOCK_STATUS:
             return replies.block_status(header, backend.extents(header.length, header.offset))
+        fua = bool(header.flags & _FUA)
         if command == Command.WRITE:
             backend.pwrite(request.payload, header.offset, fua)
         elif command == Command.FLUSH:

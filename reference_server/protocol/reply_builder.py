@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno as os_errno
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from . import wire
@@ -89,8 +89,8 @@ class ReadPlan:
 
     buffers: list[Buffer]
     fills: list[tuple[memoryview, int]]
-    # Trace records (kind, fields) emitted once the data is in, if tracing.
-    traced: list[tuple[str, dict[str, object]]] = field(default_factory=list)
+    # Trace records (kind, fields) emitted once the data is in; None when not tracing.
+    traced: list[tuple[str, dict[str, object]]] | None
 
 
 class ReplyBuilder:
@@ -158,22 +158,22 @@ class ReplyBuilder:
         its offset; runs flagged NBD_STATE_ZERO become OFFSET_HOLE chunks.
         """
         length, offset = request.length, request.offset
-        traced: list[tuple[str, dict[str, object]]] = []
+        traced: list[tuple[str, dict[str, object]]] | None = [] if self._trace else None
         if not self._structured:
             reply = bytearray(wire.SIMPLE_REPLY.size + length)
             wire.SIMPLE_REPLY.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, request.cookie)
             fills = [(memoryview(reply)[wire.SIMPLE_REPLY.size :], offset)] if length else []
-            if self._trace:
+            if traced is not None:
                 traced.append(("simple reply", {"error": Errno.OK, "length": length}))
             return ReadPlan([reply], fills, traced)
         if length == 0:
             if self._trace:
                 self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
             return ReadPlan(
-                [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)], []
+                [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)], [], None
             )
         plan = ReadPlan([], [], traced)
-        if not self.read_wants_extents(request):
+        if request.flags & _DF:
             # DF: at most one content chunk, zeroes written out explicitly.
             self._data_chunk(plan, request, _DONE, offset, length)
             return plan
@@ -198,7 +198,7 @@ class ReplyBuilder:
                 continue
             header = wire.pack_chunk_header(request, flags, ChunkType.OFFSET_HOLE, 12)
             plan.buffers.append(header + wire.OFFSET_HOLE.pack(start, n))
-            if self._trace:
+            if plan.traced is not None:
                 plan.traced.append(
                     (
                         "chunk",
@@ -214,7 +214,7 @@ class ReplyBuilder:
 
     def read_filled(self, request: RequestHeader, plan: ReadPlan) -> list[Buffer]:
         """Storage filled every region of ``plan``: its buffers are the reply."""
-        if self._trace:
+        if plan.traced:
             for kind, fields in plan.traced:
                 self._trace_reply(request, kind, **fields)
         return plan.buffers
@@ -230,7 +230,7 @@ class ReplyBuilder:
         wire.OFFSET_DATA_PREFIX.pack_into(chunk, len(header), offset)
         plan.buffers.append(chunk)
         plan.fills.append((memoryview(chunk)[start:], offset))
-        if self._trace:
+        if plan.traced is not None:
             plan.traced.append(
                 (
                     "chunk",
