@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .backends.base import Backend
 from .budget import ByteBudget
+from .dispatch import execute
 from .protocol import events
 from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
@@ -47,9 +48,9 @@ INLINE_BELOW = 64 * 1024
 _FUA = CommandFlag.FUA.value
 
 
-def _cost(event: events.Command) -> int:
+def _cost(event: events.Request) -> int:
     """Bytes a request holds in memory: its payload, or the data a read returns."""
-    request = event.request
+    request = event.header
     return len(event.payload) + (request.length if request.command == Command.READ else 0)
 
 
@@ -68,7 +69,7 @@ class Connection(asyncio.BufferedProtocol):
         self.shutting_down = False  # the server is stopping: new requests get ESHUTDOWN
         self._receive = memoryview(bytearray(RECEIVE_BUFFER))
         self._into_payload = False
-        self._queue: deque[tuple[events.Command, bool]] = deque()  # (command, budget taken)
+        self._queue: deque[tuple[events.Request, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
         self._replies = ReplyQueue(server.budget)
         self._inflight = 0
@@ -337,13 +338,13 @@ class Connection(asyncio.BufferedProtocol):
             if self.finishing:
                 break
             event = tx.next_event()
-            if isinstance(event, events.Command):
+            if isinstance(event, events.Request):
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
                 if self.shutting_down:
                     # "Terminating the transmission phase": requests received
                     # during shutdown SHOULD fail with NBD_ESHUTDOWN.
-                    error = tx.error_reply(event.request, Errno.ESHUTDOWN, "server shutting down")
+                    error = tx.replies.error(event.header, Errno.ESHUTDOWN, "server shutting down")
                     self._send(error, _cost(event) if taken else 0)
                     continue
                 self._queue.append((event, taken))
@@ -366,24 +367,24 @@ class Connection(asyncio.BufferedProtocol):
                     budget.wait(self._wake)
             break
 
-    def _dispatch(self, event: events.Command) -> None:
+    def _dispatch(self, event: events.Request) -> None:
         tx, backend = self.transmission, self.backend
         assert tx is not None and backend is not None
         self._inflight += 1
-        request = event.request
+        request = event.header
         if backend.blocking and (
             request.command == Command.FLUSH
             or request.flags & _FUA
             or request.length >= INLINE_BELOW
         ):
             future = asyncio.get_running_loop().run_in_executor(
-                self.server.executor, tx.execute, event, backend
+                self.server.executor, execute, tx.replies, event, backend
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
-            self._done(event, tx.execute(event, backend))
+            self._done(event, execute(tx.replies, event, backend))
 
-    def _finished(self, event: events.Command, future: asyncio.Future[list[Buffer]]) -> None:
+    def _finished(self, event: events.Request, future: asyncio.Future[list[Buffer]]) -> None:
         try:
             reply = future.result()
         except Exception:  # a bug, not a client error: drop this client, serve others
@@ -403,7 +404,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         asyncio.get_running_loop().call_soon(self._pump)
 
-    def _done(self, event: events.Command, reply: list[Buffer]) -> None:
+    def _done(self, event: events.Request, reply: list[Buffer]) -> None:
         self._inflight -= 1
         cost = _cost(event)
         if isinstance(event.payload, bytearray):
