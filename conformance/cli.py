@@ -20,7 +20,8 @@ SUITE = Path(__file__).resolve().parent
 
 USAGE = """\
 usage: nbd-conformance [--nbd-server=PROFILE | --server-cmd=TEMPLATE | --uri=URI]
-                       [--allow-writes] [--nbd-strict] [--report=FILE.json]
+                       [--allow-writes] [--allow-disruptive] [--nbd-strict]
+                       [--report=FILE.json]
                        [-n auto] [any pytest option]
 
 Validate an NBD server against the NBD protocol specification.
@@ -31,6 +32,7 @@ Validate an NBD server against the NBD protocol specification.
                          {read_only:WORD} {tls:WORD}
   --uri=URI              a running server (nbd://, nbds://, nbd+unix://, nbds+unix://)
   --allow-writes         with --uri, let checks write (destroys the export's data)
+  --allow-disruptive     with --uri, run checks that may crash or wedge the server
   --nbd-strict           SHOULD-level failures fail instead of warning
   --report=FILE.json     every check's verdict as JSON
   -n auto                run checks in parallel (pytest-xdist)
@@ -42,7 +44,9 @@ Validate an NBD server against the NBD protocol specification.
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if "-h" in args or "--help" in args:
-        sys.stdout.write(USAGE)
+        from conformance.requirements.coverage import coverage_lines
+
+        sys.stdout.write(USAGE + "\n" + "\n".join(coverage_lines()) + "\n")
         return 0
     return int(pytest.main([str(SUITE), "-p", "no:cacheprovider", *args]))
 

@@ -1,30 +1,42 @@
 """libnbd handles for the checks: connecting with a deadline, aio helpers.
 
 libnbd's synchronous calls wait for ever on a server that never answers;
-a conformance suite must not.  Everything here polls with a deadline and
-turns a timeout into :class:`ServerTimeout` (an AssertionError: a server
-that hangs fails the check, it does not hang the run).
+a conformance suite must not.  Connecting and the aio helpers here poll with
+a deadline, the handles they return bound every blocking call
+(:class:`~conformance.handle.Handle`), and a timeout becomes
+:class:`ServerTimeout` (an AssertionError: a server that hangs fails the
+check, it does not hang the run).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import nbd
 
-if TYPE_CHECKING:
-    from conformance.servers.base import Server
-
-DEFAULT_TIMEOUT = 10.0
-
-
-class ServerTimeout(AssertionError):
-    """The server did not answer within the deadline."""
+from conformance.guard import UNRESTRICTED, WritePermission
+from conformance.handle import DEFAULT_TIMEOUT, Handle, ServerTimeout
+from conformance.target import Target
 
 
-def _poll_until(h: nbd.NBD, done: Any, timeout: float, what: str) -> None:
+class _Connectable(Protocol):
+    def connect(self, n: int = 1, **opts: Any) -> Any: ...
+
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ServerTimeout",
+    "close_handle",
+    "open_handle",
+    "try_connect",
+    "wait_all",
+    "wait_for",
+]
+
+
+def _poll_until(h: Any, done: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         remaining = deadline - time.monotonic()
@@ -34,8 +46,10 @@ def _poll_until(h: nbd.NBD, done: Any, timeout: float, what: str) -> None:
 
 
 def open_handle(
-    server: Server,
+    target: Target,
     *,
+    permission: WritePermission = UNRESTRICTED,
+    handle_name: str = "conformance",
     export_name: str | None = None,
     meta_contexts: Iterable[str] = (),
     strict: int | None = None,
@@ -45,11 +59,16 @@ def open_handle(
     tls: bool | None = None,
     opt_mode: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
-) -> nbd.NBD:
-    """One libnbd handle connected to SERVER (see :meth:`Server.connect`)."""
+    command_timeout: float = DEFAULT_TIMEOUT,
+) -> Handle:
+    """One libnbd handle connected to TARGET (see :meth:`Server.connect` for the options).
+
+    Its blocking calls wait at most COMMAND_TIMEOUT seconds for a reply, and
+    its writes need PERMISSION (the running check's, on a server's handles).
+    """
     h = nbd.NBD()
-    h.set_handle_name(f"conformance-{server.profile}")
-    h.set_export_name(server.export_name if export_name is None else export_name)
+    h.set_handle_name(handle_name)
+    h.set_export_name(target.export_name if export_name is None else export_name)
     for name in meta_contexts:
         h.add_meta_context(name)
     h.set_request_structured_replies(structured_replies)
@@ -59,27 +78,36 @@ def open_handle(
         h.set_strict_mode(strict)
     if opt_mode:
         h.set_opt_mode(True)
-    use_tls = server.tls if tls is None else tls
+    use_tls = target.tls if tls is None else tls
     if use_tls:
         h.set_tls(nbd.TLS_REQUIRE)
-        if server.tls_dir:
-            h.set_tls_certificates(server.tls_dir)
+        if target.tls_dir:
+            h.set_tls_certificates(target.tls_dir)
     else:
         h.set_tls(nbd.TLS_DISABLE)
-    if server.socket_path is not None:
-        h.aio_connect_unix(server.socket_path)
-    elif server.address is not None:
-        h.aio_connect_tcp(server.address[0], str(server.address[1]))
+    if target.socket_path is not None:
+        h.aio_connect_unix(target.socket_path)
     else:
-        raise ValueError(f"{server!r} has neither a socket path nor an address")
+        assert target.address is not None
+        h.aio_connect_tcp(target.address[0], str(target.address[1]))
     if opt_mode:
         _poll_until(h, lambda: h.aio_is_negotiating() or h.aio_is_ready(), timeout, "handshake")
     else:
         _poll_until(h, h.aio_is_ready, timeout, "handshake")
-    return h
+    handle = Handle(h, permission=permission, timeout=command_timeout)
+    asked = [
+        f"meta contexts {list(meta_contexts)}" if meta_contexts else "",
+        "" if structured_replies else "no structured replies",
+        f"strict mode {strict:#x}" if strict is not None else "",
+        "TLS" if use_tls else "",
+        "option mode" if opt_mode else "",
+    ]
+    how = ", ".join(a for a in asked if a)
+    handle.connected(f" ({how})" if how else "")
+    return handle
 
 
-def close_handle(h: nbd.NBD) -> None:
+def close_handle(h: Any) -> None:
     """Disconnect softly when possible; a dead handle is simply dropped."""
     try:
         if h.aio_is_ready():
@@ -90,15 +118,13 @@ def close_handle(h: nbd.NBD) -> None:
         pass
 
 
-def wait_for(
-    h: nbd.NBD, cookie: int, timeout: float = DEFAULT_TIMEOUT, what: str = "command"
-) -> None:
+def wait_for(h: Any, cookie: int, timeout: float = DEFAULT_TIMEOUT, what: str = "command") -> None:
     """Wait for one aio command; raise its nbd.Error if the server rejected it."""
     _poll_until(h, lambda: h.aio_command_completed(cookie), timeout, what)
 
 
 def wait_all(
-    h: nbd.NBD, cookies: Iterable[int], timeout: float = DEFAULT_TIMEOUT, what: str = "commands"
+    h: Any, cookies: Iterable[int], timeout: float = DEFAULT_TIMEOUT, what: str = "commands"
 ) -> list[nbd.Error | None]:
     """Wait for every aio command; return the error (or None) of each, in order."""
     pending = list(cookies)
@@ -125,7 +151,7 @@ def wait_all(
     return [results[c] for c in pending]
 
 
-def try_connect(server: Server, timeout: float = 3.0, **opts: Any) -> nbd.NBD | str:
+def try_connect(server: _Connectable, timeout: float = 3.0, **opts: Any) -> Handle | str:
     """A connected handle, or the reason a connection could not be made in time."""
     try:
         return server.connect(timeout=timeout, **opts)

@@ -1,42 +1,68 @@
-"""The pytest plugin of the conformance suite: options, fixtures, verdicts, reports.
+"""The pytest plugin of the conformance suite: options, verdicts, safety, reports.
 
-Options: ``--nbd-server=NAME`` (a built-in profile), ``--server-cmd
-TEMPLATE``, ``--uri URI``, ``--allow-writes``, ``--strict`` (pytest's own
-flag: SHOULD-level failures then fail; ``--nbd-strict`` does the same without
-pytest's other strictness) and ``--report FILE.json``.
+Options: ``--nbd-server=NAME`` (a built-in or registered profile),
+``--server-cmd TEMPLATE``, ``--uri URI``, ``--allow-writes``,
+``--allow-disruptive``, ``--strict`` (pytest's own flag: SHOULD-level failures
+then fail; ``--nbd-strict`` does the same without pytest's other strictness)
+and ``--report FILE.json``.
 
-Verdicts: a MUST failure fails; a SHOULD (or MAY) failure becomes a
-WARNING (a passed report carrying ``nbd_verdict=warning``) unless strict; a
-feature the server does not offer is UNSUPPORTED (a skip with a prefix);
-a known deviation of a built-in profile is an expected failure (strict
-xfail with the reason and section).  The per-section table and the JSON
-report are built from the reports that reach ``pytest_runtest_logreport``,
-which under xdist runs on the controller, so ``-n auto`` works.
+The module registers the options and, at configure time, one
+:class:`ConformancePlugin`: the object that holds the run's state (the
+profile, the verdicts collected, the record of a gone target) and implements
+the hooks.  Fixtures live in :mod:`conformance.fixtures`; another project can
+add server profiles through :mod:`conformance.hookspecs`.
+
+Verdicts (:mod:`conformance.verdict`) are decided once per phase report, where
+the check ran: a MUST failure fails; a SHOULD (or MAY) assertion failure is a
+WARNING unless strict; :class:`~conformance.verdict.Unsupported` and
+:class:`~conformance.verdict.NotRun` end a check without judging the server;
+a known deviation of the profile is an expected failure (strict xfail, or not
+strict when recorded as intermittent).  The per-section table and the JSON
+report are built from the reports that reach ``pytest_runtest_logreport`` on
+the controller, so ``-n auto`` works.
+
+Safety toward a server the suite did not start (``--uri``): a check marked
+``writes`` runs only with ``--allow-writes``, and every connection of every
+check refuses to send a write unless the check is so marked and allowed
+(:mod:`conformance.guard`); a check marked ``disruptive`` runs only with
+``--allow-disruptive``; after every check the target is probed, so that a
+dead or wedged server ends the run with the check that was running named and
+the rest not run (:mod:`conformance.liveness`).  A server the suite started
+that ends during a check fails that check with how it ended and its log.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conformance.report import NOT_RUN_PREFIX, Collector, render_table, section_table, to_json
-from conformance.servers import PROFILES, Profile, ProfileCannotDo, Server, ServerConfig
+from conformance import evidence, fixtures
+from conformance.fixtures import SERVERS, TOUCHED, short_tmpdir
+from conformance.liveness import GoneRecord, GoneState, ServerCrashed, TargetGone, probe
+from conformance.report import Collector, to_json
+from conformance.requirements.coverage import coverage_lines
+from conformance.servers import PROFILES, Profile
 from conformance.servers.command import CommandProfile
 from conformance.servers.uri import UriProfile
-from conformance.spec import MARKER, UNSUPPORTED_PREFIX, Level
-from conformance.tlsutil import generate as generate_credentials
+from conformance.spec import MARKER, Level
+from conformance.verdict import NotRun, NotRunReason, Verdict, decide
 
 #: Seconds a single check may take before pytest-timeout ends it.
 CHECK_TIMEOUT = 60
+#: The name the plugin object is registered under.
+PLUGIN_NAME = "nbd-conformance"
 
-_collector_key = pytest.StashKey[Collector]()
-_profile_key = pytest.StashKey[Profile]()
+#: Per check: why the suite will not run it, decided at collection.
+_NOT_RUN = pytest.StashKey[tuple[NotRunReason, str]]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from conformance import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -44,8 +70,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--nbd-server",
         default="reference",
-        choices=sorted(PROFILES),
-        help="built-in server profile to test (default: reference)",
+        metavar="PROFILE",
+        help=f"server profile to test: {', '.join(sorted(PROFILES))} or one a "
+        "plugin registers (default: reference)",
     )
     group.addoption(
         "--server-cmd",
@@ -68,6 +95,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="with --uri, let checks write to the export (destroys its data)",
     )
     group.addoption(
+        "--allow-disruptive",
+        action="store_true",
+        default=False,
+        help="with --uri, run checks that may crash, wedge or stop the server "
+        "(fuzzing, CVE reproducers, hostile sizes, stalled clients, shutdown)",
+    )
+    group.addoption(
         "--nbd-strict",
         action="store_true",
         default=False,
@@ -81,11 +115,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _strict(config: pytest.Config) -> bool:
-    return bool(config.getoption("nbd_strict") or getattr(config.option, "strict", False))
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}(section, level, quote): the spec section a check enforces"
+    )
+    config.addinivalue_line(
+        "markers", "writes: the check writes to the export (needs --allow-writes with --uri)"
+    )
+    config.addinivalue_line(
+        "markers",
+        "disruptive: the check may crash, wedge or stop the server "
+        "(needs --allow-disruptive with --uri)",
+    )
+    config.pluginmanager.register(ConformancePlugin(config), PLUGIN_NAME)
+    if not config.pluginmanager.is_registered(fixtures):
+        config.pluginmanager.register(fixtures, f"{PLUGIN_NAME}-fixtures")
 
 
-def _make_profile(config: pytest.Config) -> Profile:
+def plugin_of(config: pytest.Config) -> ConformancePlugin:
+    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
+    assert isinstance(plugin, ConformancePlugin), "conformance.plugin is not loaded"
+    return plugin
+
+
+def make_profile(config: pytest.Config) -> Profile:
+    """The profile the options name: --uri, --server-cmd or --nbd-server."""
     uri = config.getoption("uri")
     command = config.getoption("server_cmd")
     if uri and command:
@@ -97,126 +151,264 @@ def _make_profile(config: pytest.Config) -> Profile:
             return CommandProfile(command)
     except ValueError as err:
         raise pytest.UsageError(str(err)) from err
-    return PROFILES[config.getoption("nbd_server")]()
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", f"{MARKER}(section, level, quote): the spec section a check enforces"
-    )
-    config.addinivalue_line(
-        "markers", "writes: the check writes to the export (needs --allow-writes with --uri)"
-    )
-    config.stash[_profile_key] = _make_profile(config)
-    workers = getattr(config.option, "numprocesses", None)
-    if config.getoption("uri") and config.getoption("allow_writes") and workers:
-        # Checks that write would then share one export at the same time.
+    profiles: dict[str, type[Profile]] = dict(PROFILES)
+    for registered in config.hook.pytest_nbd_profiles():
+        profiles.update({profile.name: profile for profile in registered})
+    name = config.getoption("nbd_server")
+    if name not in profiles:
         raise pytest.UsageError(
-            "--uri with --allow-writes runs checks that write to one "
-            "export: run them one at a time (without -n)"
+            f"--nbd-server={name}: no such profile (known: {', '.join(sorted(profiles))})"
         )
-    config.stash[_collector_key] = Collector()
+    return profiles[name]()
 
 
-def profile_of(config: pytest.Config) -> Profile:
-    return config.stash[_profile_key]
+def describe_target(profile: Profile) -> str:
+    if isinstance(profile, UriProfile):
+        return f"--uri {profile.uri}"
+    if isinstance(profile, CommandProfile):
+        return f"--server-cmd {profile.template!r}"
+    return f"--nbd-server={profile.name}"
 
 
-def _spec_marker(item: pytest.Item) -> pytest.Mark | None:
-    return item.get_closest_marker(MARKER)
+class ConformancePlugin:
+    """The state of one run and the hooks that use it."""
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    profile = profile_of(config)
-    deviations = {d.check: d for d in profile.deviations}
-    writes_blocked = not profile.starts_servers and not config.getoption("allow_writes")
-    for item in items:
-        mark = _spec_marker(item)
-        check_id = item.name
-        item.user_properties.append(("nbd_check", check_id))
-        if mark is not None:
-            item.user_properties.append(("nbd_section", mark.kwargs["section"]))
-            item.user_properties.append(("nbd_level", str(mark.kwargs["level"])))
-            if mark.kwargs.get("quote"):
-                item.user_properties.append(("nbd_quote", mark.kwargs["quote"]))
-        original = getattr(item, "originalname", item.name)
-        deviation = deviations.get(item.name) or deviations.get(original)
-        if deviation is not None:
-            item.add_marker(
-                pytest.mark.xfail(
-                    reason=f"known {profile.name} deviation [{deviation.section}]: "
-                    f"{deviation.reason}",
-                    strict=not deviation.intermittent,
-                )
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.profile = make_profile(config)
+        self.strict = bool(
+            config.getoption("nbd_strict") or getattr(config.option, "strict", False)
+        )
+        self.writes_allowed = self.profile.starts_servers or bool(config.getoption("allow_writes"))
+        self.disruption_allowed = self.profile.starts_servers or bool(
+            config.getoption("allow_disruptive")
+        )
+        self.collector = Collector()
+        self.is_worker = hasattr(config, "workerinput")
+        workerinput = getattr(config, "workerinput", None)
+        if workerinput is not None:
+            gone_path = Path(workerinput["nbd_gone_state"])
+        else:
+            gone_path = short_tmpdir("nbd-run-") / "target-gone.json"
+        self.gone = GoneState(gone_path)
+        workers = getattr(config.option, "numprocesses", None)
+        if config.getoption("uri") and config.getoption("allow_writes") and workers:
+            # Checks that write would then share one export at the same time.
+            raise pytest.UsageError(
+                "--uri with --allow-writes runs checks that write to one "
+                "export: run them one at a time (without -n)"
             )
-        if writes_blocked and item.get_closest_marker("writes") is not None:
-            item.add_marker(
-                pytest.mark.skip(
-                    reason=NOT_RUN_PREFIX + "this check writes; pass --allow-writes to let it "
-                    "write to a server the suite did not start"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist, on the controller: every worker shares the record of a gone target."""
+        node.workerinput["nbd_gone_state"] = str(self.gone.path)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if not self.is_worker:
+            shutil.rmtree(self.gone.path.parent, ignore_errors=True)
+
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        deviations = {d.check: d for d in self.profile.deviations}
+        for item in items:
+            mark = item.get_closest_marker(MARKER)
+            item.user_properties.append(("nbd_check", item.name))
+            if mark is not None:
+                item.user_properties.append(("nbd_section", mark.kwargs["section"]))
+                item.user_properties.append(("nbd_level", str(mark.kwargs["level"])))
+                if mark.kwargs.get("quote"):
+                    item.user_properties.append(("nbd_quote", mark.kwargs["quote"]))
+            original = getattr(item, "originalname", item.name)
+            deviation = deviations.get(item.name) or deviations.get(original)
+            if deviation is not None:
+                item.add_marker(
+                    pytest.mark.xfail(
+                        reason=f"known {self.profile.name} deviation [{deviation.section}]: "
+                        f"{deviation.reason}",
+                        strict=not deviation.intermittent,
+                    )
                 )
-            )
-        if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(CHECK_TIMEOUT))
+            if not self.disruption_allowed and item.get_closest_marker("disruptive"):
+                item.stash[_NOT_RUN] = (
+                    NotRunReason.DISRUPTIVE,
+                    "this check may crash, wedge or stop the server; pass "
+                    "--allow-disruptive to run it against a server the suite did not start",
+                )
+            elif not self.writes_allowed and item.get_closest_marker("writes"):
+                item.stash[_NOT_RUN] = (
+                    NotRunReason.WRITES,
+                    "this check writes; pass --allow-writes to let it write to a "
+                    "server the suite did not start",
+                )
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(CHECK_TIMEOUT))
 
+    # -------------------------------------------------- running one check
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    if (
-        report.when == "call"
-        and report.failed
-        and call.excinfo is not None
-        and call.excinfo.errisinstance(AssertionError)
-        and not hasattr(report, "wasxfail")
-        and item.get_closest_marker("xfail") is None
-        and not _strict(item.config)
-    ):
-        mark = _spec_marker(item)
-        if mark is not None and mark.kwargs["level"] in (Level.SHOULD, Level.MAY):
-            message = _clean(call.excinfo.exconly())
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        """Not run, or a gone target: the check ends here (a plain hook: wrappers still run)."""
+        evidence.begin()
+        if _NOT_RUN in item.stash:
+            raise NotRun(*item.stash[_NOT_RUN])
+        if self.profile.running_server() is not None:
+            gone = self.gone.read()
+            if gone is not None:
+                raise NotRun(NotRunReason.GONE, gone.describe())
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> Any:
+        """A server started for this check that ended during it fails the check."""
+        try:
+            return (yield)
+        finally:
+            for server in item.stash.get(SERVERS, []):
+                how = server.unexpected_exit()
+                if how is not None:
+                    server.expect_exit()  # reported once, here
+                    raise ServerCrashed(how)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> Any:
+        """After the check's own teardown: is a target the suite did not start still there?"""
+        try:
+            result = yield
+            self._probe_after(item)
+        finally:
+            evidence.end()
+        return result
+
+    def _probe_after(self, item: pytest.Item) -> None:
+        running = self.profile.running_server()
+        if running is None or not item.stash.get(TOUCHED, False) or self.gone.read() is not None:
+            return
+        reason = probe(running)
+        if reason is None:
+            return
+        workerinput = getattr(self.config, "workerinput", None)
+        worker = "" if workerinput is None else str(workerinput.get("workerid", ""))
+        gone = self.gone.record(GoneRecord(check=item.nodeid, reason=reason, worker=worker))
+        raise TargetGone(f"{gone.describe()}; the remaining checks are not run")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        """Decide the phase's verdict once, here, and attach it (and the evidence) to the report."""
+        report: pytest.TestReport = yield
+        exception = call.excinfo.value if call.excinfo is not None else None
+        mark = item.get_closest_marker(MARKER)
+        verdict = decide(
+            when=report.when,
+            outcome=report.outcome,
+            wasxfail=getattr(report, "wasxfail", None),
+            exception=exception,
+            should_level=mark is not None and mark.kwargs["level"] in (Level.SHOULD, Level.MAY),
+            strict=self.strict,
+        )
+        if verdict in (Verdict.FAILED, Verdict.ERROR, Verdict.WARNING, Verdict.KNOWN):
+            _attach_evidence(item, report)
+        message = _message(report, exception, verdict)
+        if verdict == Verdict.WARNING:
+            assert mark is not None
+            message = f"{mark.kwargs['level']}: {message}"
             report.outcome = "passed"
             report.longrepr = None
-            report.user_properties.append(("nbd_verdict", "warning"))
-            report.user_properties.append(("nbd_message", f"{mark.kwargs['level']}: {message}"))
-    return report
+        report.nbd_verdict = verdict.value  # type: ignore[attr-defined]
+        report.nbd_message = message  # type: ignore[attr-defined]
+        reason = exception.reason.value if isinstance(exception, NotRun) else None
+        report.nbd_reason = reason  # type: ignore[attr-defined]
+        return report
 
-
-def _properties(report: pytest.TestReport) -> dict[str, Any]:
-    return {key: value for key, value in report.user_properties}
-
-
-def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config) -> Any:
-    if (
-        report.when == "call"
-        and report.passed
-        and _properties(report).get("nbd_verdict") == "warning"
-    ):
-        return "warning", "W", ("WARNING", {"yellow": True})
-    if report.skipped and not hasattr(report, "wasxfail") and isinstance(report.longrepr, tuple):
-        reason = str(report.longrepr[2])
-        if reason.startswith("Skipped: "):
-            reason = reason[len("Skipped: ") :]
-        if reason.startswith(UNSUPPORTED_PREFIX):
+    def pytest_report_teststatus(self, report: pytest.TestReport) -> Any:
+        verdict = getattr(report, "nbd_verdict", None)
+        if verdict == Verdict.WARNING.value:
+            return "warning", "W", ("WARNING", {"yellow": True})
+        if verdict == Verdict.UNSUPPORTED.value:
             return "unsupported", "U", ("UNSUPPORTED", {"blue": True})
-    return None
+        if verdict == Verdict.NOT_RUN.value:
+            return "not run", "n", ("NOT RUN", {"blue": True})
+        return None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        # Under xdist this runs on the controller (fed with the workers'
+        # reports) as well as on each worker; only the controller aggregates.
+        if self.is_worker or not hasattr(report, "nbd_verdict"):
+            return
+        self.collector.add(
+            nodeid=report.nodeid,
+            when=report.when,
+            verdict=Verdict(report.nbd_verdict),
+            properties=dict(report.user_properties),
+            message=report.nbd_message,
+            reason=report.nbd_reason,
+            duration=report.duration,
+        )
+
+    # ------------------------------------------------------------ the end
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int) -> None:
+        if self.is_worker:
+            return
+        from conformance.summary import write_summary
+
+        results = list(self.collector.results.values())
+        if not results:
+            return
+        gone = self.gone.read() if self.profile.running_server() is not None else None
+        target = describe_target(self.profile)
+        write_summary(terminalreporter, results, target, gone, coverage_lines())
+        path = self.config.getoption("report")
+        if path:
+            text = to_json(
+                results,
+                profile=self.profile.name,
+                target=target,
+                strict=self.strict,
+                exitstatus=int(exitstatus),
+                target_gone=None if gone is None else gone.describe(),
+            )
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+            terminalreporter.write_line(f"report written to {path}")
+
+
+def _attach_evidence(item: pytest.Item, report: pytest.TestReport) -> None:
+    """What went over the wire, on the item as well as on this report, so that the
+    teardown report (the one pytest's JUnit writer reads) carries it too."""
+    transcript = evidence.current()
+    if transcript is None or not transcript.total:
+        return
+    if any(name == "nbd_evidence" for name, _ in item.user_properties):
+        return
+    entry = ("nbd_evidence", transcript.text())
+    item.user_properties.append(entry)
+    report.user_properties.append(entry)
+
+
+#: Exception class names the verdict's message leaves out: the suite's own verifiers.
+_OWN_EXCEPTIONS = (
+    "conformance.spec.SpecViolation: ",
+    "conformance.handle.ServerTimeout: ",
+    "conformance.liveness.ServerCrashed: ",
+    "conformance.liveness.TargetGone: ",
+    "AssertionError: ",
+)
 
 
 def _clean(message: str) -> str:
-    """The verdict text without the exception class of the suite's own verifiers."""
-    for prefix in (
-        "conformance.spec.SpecViolation: ",
-        "conformance.client.ServerTimeout: ",
-        "AssertionError: ",
-    ):
+    for prefix in _OWN_EXCEPTIONS:
         message = message.removeprefix(prefix)
     return message
 
 
-def _message(report: pytest.TestReport) -> str:
+def _message(report: pytest.TestReport, exception: BaseException | None, verdict: Verdict) -> str:
+    if verdict in (Verdict.KNOWN, Verdict.XPASSED):
+        return str(getattr(report, "wasxfail", ""))
+    if isinstance(exception, pytest.skip.Exception):
+        return str(exception.msg)
     if report.skipped and isinstance(report.longrepr, tuple):
-        reason = str(report.longrepr[2])
-        return reason[len("Skipped: ") :] if reason.startswith("Skipped: ") else reason
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
     if report.failed:
         crash = getattr(report.longrepr, "reprcrash", None)
         if crash is not None:
@@ -225,159 +417,4 @@ def _message(report: pytest.TestReport) -> str:
     return ""
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    # Under xdist this runs on the controller (fed with the workers' reports)
-    # as well as on each worker; only the controller aggregates.
-    config = _CONFIG.get("config")
-    if config is None or hasattr(config, "workerinput"):
-        return
-    config.stash[_collector_key].add(
-        nodeid=report.nodeid,
-        when=report.when,
-        outcome=report.outcome,
-        properties=_properties(report),
-        message=_message(report),
-        wasxfail=getattr(report, "wasxfail", None),
-        duration=report.duration,
-    )
-
-
-_CONFIG: dict[str, pytest.Config] = {}
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG["config"] = session.config
-
-
-def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    if hasattr(config, "workerinput"):
-        return
-    collector = config.stash[_collector_key]
-    results = list(collector.results.values())
-    if not results:
-        return
-    profile = profile_of(config)
-    tr = terminalreporter
-    warnings = [r for r in results if r.outcome == "warning"]
-    if warnings:
-        tr.write_sep(
-            "=", f"SHOULD-level warnings ({len(warnings)}; --strict makes them fail)", yellow=True
-        )
-        for r in sorted(warnings, key=lambda r: r.nodeid):
-            tr.write_line(f"WARNING {r.id} [{r.section}]: {r.message}")
-    not_run = [r for r in results if r.outcome == "not-run"]
-    if not_run:
-        tr.write_sep(
-            "=", f"checks not run: they write, and --allow-writes was not given ({len(not_run)})"
-        )
-        for r in sorted(not_run, key=lambda r: r.nodeid):
-            tr.write_line(f"NOT RUN {r.id} [{r.section}]")
-    tr.write_sep("=", f"NBD conformance: {describe_target(config, profile)}")
-    # Full section paths are the point of the table: do not squeeze it to 80 columns.
-    for line in render_table(section_table(results), width=max(tr._tw.fullwidth, 140)):
-        tr.write_line(line)
-    path = config.getoption("report")
-    if path:
-        text = to_json(
-            results,
-            profile=profile.name,
-            target=describe_target(config, profile),
-            strict=_strict(config),
-            exitstatus=int(exitstatus),
-        )
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text)
-        tr.write_line(f"report written to {path}")
-
-
-def describe_target(config: pytest.Config, profile: Profile) -> str:
-    if isinstance(profile, UriProfile):
-        return f"--uri {profile.uri}"
-    if isinstance(profile, CommandProfile):
-        return f"--server-cmd {profile.template!r}"
-    return f"--nbd-server={profile.name}"
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def _short_tmpdir(prefix: str) -> Path:
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR", "/tmp")))
-
-
-@pytest.fixture(scope="session")
-def nbd_profile(pytestconfig: pytest.Config) -> Profile:
-    """The profile of the server under test."""
-    return profile_of(pytestconfig)
-
-
-@pytest.fixture(scope="session")
-def tls_credentials() -> Iterator[Callable[[], str]]:
-    """A callable returning a directory of TLS credentials, made on first use."""
-    made: list[Path] = []
-
-    def get() -> str:
-        if not made:
-            made.append(generate_credentials(_short_tmpdir("nbd-tls-")).directory)
-        return str(made[0])
-
-    yield get
-    for path in made:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def start_server(
-    nbd_profile: Profile, tls_credentials: Callable[[], str]
-) -> Iterator[Callable[..., Server]]:
-    """``start_server(ServerConfig(...)) -> Server``: a fresh server, stopped at teardown.
-
-    Skips the check with the reason when the profile cannot be put in that
-    configuration.
-    """
-    started: list[tuple[Server, Path | None]] = []
-
-    def start(config: ServerConfig | None = None) -> Server:
-        config = ServerConfig() if config is None else config
-        try:
-            if config.minimum_block_size != 1 and not nbd_profile.sets_minimum_block_size:
-                raise ProfileCannotDo("no way to set a minimum block size")
-            nbd_profile.check_config(config)
-        except ProfileCannotDo as err:
-            pytest.skip(f"{nbd_profile.name} cannot be configured with {config.describe()}: {err}")
-        tls_dir = tls_credentials() if config.tls and nbd_profile.starts_servers else None
-        workdir = _short_tmpdir("nbd-") if nbd_profile.starts_servers else None
-        try:
-            server = nbd_profile.start(config, workdir or Path("."), tls_dir)
-        except BaseException:
-            if workdir is not None:
-                shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        started.append((server, workdir))
-        return server
-
-    yield start
-    for server, workdir in reversed(started):
-        server.stop()
-        if workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture
-def server(start_server: Callable[..., Server]) -> Server:
-    """A fresh writable server allowing several connections."""
-    return start_server(ServerConfig())
-
-
-@pytest.fixture
-def ro_server(start_server: Callable[..., Server]) -> Server:
-    """A fresh read-only server."""
-    return start_server(ServerConfig(read_only=True))
-
-
-@pytest.fixture
-def nbd_handle(server: Server) -> Any:
-    """One libnbd handle connected to ``server``."""
-    return server.connect()
+__all__ = ["ConformancePlugin", "describe_target", "make_profile", "plugin_of"]

@@ -13,15 +13,16 @@ from __future__ import annotations
 import enum
 import errno as _errno
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import pytest
+
+from conformance.verdict import Unsupported
 
 __all__ = [
     "MAY",
     "MUST",
     "SHOULD",
-    "UNSUPPORTED_PREFIX",
     "Level",
     "SpecViolation",
     "errno_name",
@@ -33,9 +34,6 @@ __all__ = [
     "spec",
     "unsupported",
 ]
-
-#: The prefix of the skip reason that marks an UNSUPPORTED verdict.
-UNSUPPORTED_PREFIX = "UNSUPPORTED: "
 
 #: The name of the pytest marker `spec` applies.
 MARKER = "nbd_spec"
@@ -103,9 +101,9 @@ def _short(value: object, limit: int = 200) -> str:
     return text
 
 
-def unsupported(reason: str) -> None:
+def unsupported(reason: str) -> NoReturn:
     """End the check with verdict UNSUPPORTED: the server does not offer the feature."""
-    pytest.skip(UNSUPPORTED_PREFIX + reason)
+    raise Unsupported(reason)
 
 
 def expect(condition: object, what: str, expected: object = True, actual: object = None) -> None:

@@ -68,6 +68,7 @@ def _status(h, length, offset, flags=0):
     return replies.extents()
 
 
+@pytest.mark.writes
 @spec(
     REQUESTS,
     MUST,

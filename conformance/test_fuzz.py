@@ -54,6 +54,10 @@ from conformance.wire.constants import (
     STRUCTURED_REPLY_MAGIC,
 )
 
+# Fuzzing may crash or wedge the server: against a server the suite did not
+# start it runs only with --allow-disruptive.
+pytestmark = pytest.mark.disruptive
+
 SEED_ENV = "NBD_FUZZ_SEED"
 DEFAULT_SEED = 0x4E424446  # "NBDF": the same cases every run unless told otherwise
 CASES = {"greeting": 60, "options": 120, "requests": 120}

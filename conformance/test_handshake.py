@@ -199,6 +199,7 @@ def test_transmission_flags_have_has_flags(server, path):
         client.close()
 
 
+@pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
 @spec("Protocol phases / Handshake / Newstyle negotiation", MUST)
 def test_option_with_bad_magic_is_not_honoured(server):
     """An option without the IHAVEOPT magic is not an option: no success reply, server serves on.
@@ -222,6 +223,7 @@ def test_option_with_bad_magic_is_not_honoured(server):
     s.assert_still_serving(server, "an option with a bad magic")
 
 
+@pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
 @spec("Protocol phases / Transmission / Request message", MUST)
 def test_request_with_bad_magic_is_not_honoured(server):
     """A request without NBD_REQUEST_MAGIC must not be served (error or hard disconnect)."""

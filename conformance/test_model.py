@@ -12,17 +12,24 @@ connection is entitled to see:
 * trimmed bytes are unknown until written again;
 * an extent reported NBD_STATE_ZERO must read as zeroes.
 
-On a failure hypothesis shrinks the sequence and prints the minimal one.
-The run is derandomised (the same sequences every run, as CI wants); set
-NBD_MODEL_RANDOM=1 to explore new sequences.
+On a failure hypothesis shrinks the sequence and prints the minimal one,
+with the command that replays just that sequence (``NBD_MODEL_REPLAY=...``).
+Shrinking replays sequences many times, so each example must see the server
+as the first did: it gets fresh connections (nothing cached on the server's
+side of an old one reaches it) and its own window of the export (nothing an
+old connection writes back late lands in it).  The run is derandomised (the
+same sequences every run, as CI wants); set NBD_MODEL_RANDOM=1 to explore
+new sequences.
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import nbd
-from hypothesis import HealthCheck, settings
+import pytest
+from hypothesis import HealthCheck, reproduce_failure, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -34,13 +41,17 @@ from hypothesis.stateful import (
 )
 
 from conformance.data import pattern
-from conformance.servers.base import ServerConfig
+from conformance.servers.base import DEFAULT_SIZE, ServerConfig
 from conformance.spec import MUST, expect_data, expect_zero, spec, unsupported
 
 SECTOR = 512
 SECTORS = 64
 SIZE = SECTOR * SECTORS  # 32 KiB: small, so that random commands collide often
 MAX_CONNECTIONS = 3
+#: Windows of SIZE bytes in the export: one per example, reused round-robin.
+WINDOWS = DEFAULT_SIZE // SIZE
+#: "VERSION:BLOB" of a failing sequence, as the failure message gives it.
+REPLAY_ENV = "NBD_MODEL_REPLAY"
 
 #: Owner value of a byte every connection may see.
 DURABLE = 0
@@ -61,25 +72,33 @@ connections = st.integers(0, MAX_CONNECTIONS - 1)
 
 
 class _Export:
-    """One server and its connections, shared by every example of a run (starting a server
-    per example would make shrinking a failure take minutes)."""
+    """One server for every example of a run (starting a server per example would make
+    shrinking a failure take minutes), with fresh connections and a fresh window each."""
 
     def __init__(self, start_server):
-        self.start_server = start_server
-        self.server = None
-        self.conns = []
+        self.server = start_server(ServerConfig())
+        self.window = -1
 
-    def connections(self):
-        if self.server is None:
-            self.server = self.start_server(ServerConfig(size=SIZE))
-            first = self.server.connect(meta_contexts=[nbd.CONTEXT_BASE_ALLOCATION])
-            self.conns = [first]
-            if first.can_multi_conn():
-                self.conns += [
-                    self.server.connect(meta_contexts=[nbd.CONTEXT_BASE_ALLOCATION])
-                    for _ in range(MAX_CONNECTIONS - 1)
-                ]
-        return self.conns
+    def probe(self):
+        """A first connection: what the server offers."""
+        h = self.server.connect(meta_contexts=[nbd.CONTEXT_BASE_ALLOCATION])
+        multi_conn = h.can_multi_conn()
+        minimum = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+        self.server.close_clients()
+        return multi_conn, minimum
+
+    def fresh(self):
+        """New connections and the byte offset of the next window, for one example."""
+        self.server.close_clients()
+        self.window = (self.window + 1) % WINDOWS
+        first = self.server.connect(meta_contexts=[nbd.CONTEXT_BASE_ALLOCATION])
+        conns = [first]
+        if first.can_multi_conn():
+            conns += [
+                self.server.connect(meta_contexts=[nbd.CONTEXT_BASE_ALLOCATION])
+                for _ in range(MAX_CONNECTIONS - 1)
+            ]
+        return conns, self.window * SIZE
 
 
 def make_machine(export):
@@ -93,12 +112,12 @@ def make_machine(export):
 
         @initialize()
         def start(self):
-            self.conns = export.connections()
+            self.conns, self.base = export.fresh()
             first = self.conns[0]
             # A known starting point, durable (hence visible to all): data everywhere, so
             # that every zero or lost write shows.
             self.data = bytearray(pattern(0, SIZE, tag=0xFFFF))
-            first.pwrite(self.data, 0, nbd.CMD_FLAG_FUA if first.can_fua() else 0)
+            first.pwrite(self.data, self.base, nbd.CMD_FLAG_FUA if first.can_fua() else 0)
             if first.can_flush():
                 first.flush()
             self.known = bytearray(b"\1" * SECTORS)
@@ -134,7 +153,7 @@ def make_machine(export):
             fua = fua and h.can_fua()
             self.step += 1
             data = pattern(sector * SECTOR, count * SECTOR, tag=self.step)
-            h.pwrite(data, sector * SECTOR, nbd.CMD_FLAG_FUA if fua else 0)
+            h.pwrite(data, self.base + sector * SECTOR, nbd.CMD_FLAG_FUA if fua else 0)
             self.data[sector * SECTOR : (sector + count) * SECTOR] = data
             self.mark(sector, count, conn, fua)
 
@@ -152,7 +171,7 @@ def make_machine(export):
             h = self.h(conn)
             fua = fua and h.can_fua()
             flags = (nbd.CMD_FLAG_FUA if fua else 0) | (nbd.CMD_FLAG_NO_HOLE if no_hole else 0)
-            h.zero(count * SECTOR, sector * SECTOR, flags)
+            h.zero(count * SECTOR, self.base + sector * SECTOR, flags)
             self.data[sector * SECTOR : (sector + count) * SECTOR] = bytes(count * SECTOR)
             self.mark(sector, count, conn, fua)
 
@@ -163,7 +182,7 @@ def make_machine(export):
             sector, count = self.clip(sector, count)
             h = self.h(conn)
             fua = fua and h.can_fua()
-            h.trim(count * SECTOR, sector * SECTOR, nbd.CMD_FLAG_FUA if fua else 0)
+            h.trim(count * SECTOR, self.base + sector * SECTOR, nbd.CMD_FLAG_FUA if fua else 0)
             self.mark(sector, count, conn, fua, known=False)
 
         @precondition(lambda self: self.conns[0].can_flush())
@@ -178,7 +197,7 @@ def make_machine(export):
         def read(self, conn, sector, count):
             conn = self.conn(conn)
             sector, count = self.clip(sector, count)
-            got = self.h(conn).pread(count * SECTOR, sector * SECTOR)
+            got = self.h(conn).pread(count * SECTOR, self.base + sector * SECTOR)
             for s in range(sector, sector + count):
                 if self.visible(s, conn):
                     at = (s - sector) * SECTOR
@@ -202,13 +221,14 @@ def make_machine(export):
             extents = []
 
             def callback(context, offset, entries, err):
+                offset -= self.base  # the model's offsets are within the window
                 if context == nbd.CONTEXT_BASE_ALLOCATION:
                     for length, flags in zip(entries[::2], entries[1::2], strict=True):
                         extents.append((offset, length, flags))
                         offset += length
                 return 0
 
-            h.block_status(count * SECTOR, sector * SECTOR, callback)
+            h.block_status(count * SECTOR, self.base + sector * SECTOR, callback)
             for offset, length, flags in extents:
                 if not flags & nbd.STATE_ZERO:
                     continue
@@ -222,6 +242,9 @@ def make_machine(export):
                             f"reported NBD_STATE_ZERO hold data",
                         )
 
+        def teardown(self):
+            export.server.close_clients()
+
         @invariant()
         def connections_alive(self):
             for index, h in enumerate(self.conns):
@@ -231,6 +254,7 @@ def make_machine(export):
     return ExportMachine
 
 
+@pytest.mark.writes
 @spec(
     "Values / Handshake phase / Flag fields / Transmission flags",
     MUST,
@@ -238,13 +262,40 @@ def make_machine(export):
     "`NBD_CMD_FLAG_FUA` MUST be visible across all connections when the server sends its "
     "reply to that command to the client.",
 )
-def test_random_command_sequences_match_the_model(start_server):
+def test_random_command_sequences_match_the_model(start_server, request):
     """Writes, zeroes, trims, flushes, reads and block status agree with the model."""
     export = _Export(start_server)
-    minimum = export.connections()[0].get_block_size(nbd.SIZE_MINIMUM) or 1
+    _multi_conn, minimum = export.probe()
     if SECTOR % minimum:
         unsupported(
             f"the model works in {SECTOR}-byte sectors; the server's minimum block size "
             f"is {minimum}"
         )
-    run_state_machine_as_test(make_machine(export), settings=SETTINGS)
+    machine = make_machine(export)
+    replay = os.environ.get(REPLAY_ENV)
+    if replay:
+        version, _, blob = replay.partition(":")
+        machine = reproduce_failure(version, blob.encode("ascii"))(machine)
+    try:
+        run_state_machine_as_test(machine, settings=SETTINGS)
+    except Exception as err:
+        _add_replay_command(err, request)
+        raise
+
+
+_BLOB = re.compile(r"@reproduce_failure\('([^']+)', b'([^']+)'\)")
+
+
+def _add_replay_command(err: BaseException, request) -> None:
+    """Name the one command that replays the minimal failing sequence against this server."""
+    notes = "\n".join([str(err), *getattr(err, "__notes__", [])])
+    found = _BLOB.search(notes)
+    if found is None:
+        return
+    from conformance.plugin import describe_target, plugin_of
+
+    target = describe_target(plugin_of(request.config).profile)
+    err.add_note(
+        f"replay just this sequence: {REPLAY_ENV}='{found[1]}:{found[2]}' "
+        f"pytest '{request.node.nodeid}' {target}"
+    )

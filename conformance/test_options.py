@@ -274,6 +274,7 @@ MALFORMED = list(_malformed_info_payloads(b"").keys())
 OVERRUNS = [case for case in MALFORMED if case != "trailing-garbage"]
 
 
+@pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
 @spec(
     "Values / Handshake phase / Option types",
     MUST,
@@ -297,6 +298,7 @@ def test_malformed_info_request_is_rejected(server, option, case):
     s.assert_still_serving(server, f"a malformed {option.name} ({case})")
 
 
+@pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
 @spec(
     "Values / Handshake phase / Option reply types",
     SHOULD,
@@ -423,6 +425,7 @@ def test_list_meta_context_unknown_namespace_gets_ack_only(server):
         )
 
 
+@pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
 @spec(
     "Values / Handshake phase / Option types",
     MUST,

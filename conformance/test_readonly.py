@@ -1,7 +1,10 @@
 """A read-only export refuses every write command and keeps its data.
 
 libnbd refuses to send writes to a read-only export; strict mode is relaxed
-so that the request reaches the server, which must reject it.
+so that the request reaches the server, which must reject it.  A write to a
+read-only export is still a write: a server that ignores its own read-only
+flag would change the data, so these checks need consent (``writes``) like
+any other writer.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ WRITES = {
 }
 
 
+@pytest.mark.writes
 @pytest.mark.parametrize("command", WRITES)
 @spec(
     FLAGS,
@@ -40,6 +44,7 @@ def test_write_commands_fail_and_change_nothing(ro_server, command):
     expect_data(h.pread(65536, 0), before, f"data after a refused {command}")
 
 
+@pytest.mark.writes
 @pytest.mark.parametrize("command", ["write", "trim"])
 @spec(
     ERRORS,
@@ -54,6 +59,7 @@ def test_write_and_trim_get_eperm(ro_server, command):
     )
 
 
+@pytest.mark.writes
 @spec(
     "Values / Transmission phase / Request types",
     SHOULD,

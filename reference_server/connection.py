@@ -22,13 +22,15 @@ from collections import deque
 from .admission import Deadline, Expired, Verdict
 from .backends.base import Backend
 from .budget import ByteBudget
+from .connection_phases import CONNECTION_TRANSITIONS, Phase, Trigger
 from .context import ConnectionContext
+from .dispatch import execute
 from .gate import Admittee
-from .phases import Phase, Trigger, advance
 from .protocol import events
 from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
+from .protocol.phases import PhaseMachine
 from .protocol.transmission import Buffer, Transmission
 from .replies import ReplyQueue
 
@@ -46,14 +48,14 @@ INLINE_BELOW = 64 * 1024
 _FUA = CommandFlag.FUA.value
 
 
-def _cost(event: events.Command) -> int:
+def _cost(event: events.Request) -> int:
     """Bytes a request holds in memory: its payload, or the data a read returns."""
-    request = event.request
+    request = event.header
     return len(event.payload) + (request.length if request.command == Command.READ else 0)
 
 
 class Connection(asyncio.BufferedProtocol):
-    """One client, from accept to close, in the phases of phases.py.
+    """One client, from accept to close, in the phases of connection_phases.py.
 
     It is given a :class:`~.context.ConnectionContext` (what it shares with
     the other connections), never the server; admission (who may negotiate,
@@ -69,11 +71,11 @@ class Connection(asyncio.BufferedProtocol):
         self.handshake: Handshake | None = None
         self.transmission: Transmission | None = None
         self.backend: Backend | None = None
-        #: Changed only by :meth:`_move`, through the table in phases.py.
-        self.phase = Phase.WAITING_FOR_SLOT
+        #: Moves only through the table in connection_phases.py (see :meth:`_move`).
+        self._phases = PhaseMachine(CONNECTION_TRANSITIONS)
         self._receive = context.receive_buffer
         self._into_payload = False
-        self._queue: deque[tuple[events.Command, bool]] = deque()  # (command, budget taken)
+        self._queue: deque[tuple[events.Request, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
         self._replies = ReplyQueue(context.budget)
         self._inflight = 0
@@ -87,12 +89,17 @@ class Connection(asyncio.BufferedProtocol):
         self._tls_seen = False
 
     @property
+    def phase(self) -> Phase:
+        return self._phases.phase
+
+    @property
     def closing(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self._phases.phase is Phase.CLOSED
 
     def _move(self, trigger: Trigger) -> None:
-        """The one place the phase changes (the table and its spec sections: phases.py)."""
-        self.phase = advance(self.phase, trigger)
+        """The one place the phase changes (the table and its spec sections:
+        connection_phases.py)."""
+        self._phases.fire(trigger)
 
     # ------------------------------------------------ asyncio.BufferedProtocol
 
@@ -325,13 +332,13 @@ class Connection(asyncio.BufferedProtocol):
             if self.phase is Phase.DRAINING:
                 break
             event = tx.next_event()
-            if isinstance(event, events.Command):
+            if isinstance(event, events.Request):
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
                 if self.phase is Phase.SHUTTING_DOWN:
                     # "Terminating the transmission phase": requests received
                     # during shutdown SHOULD fail with NBD_ESHUTDOWN.
-                    error = tx.error_reply(event.request, Errno.ESHUTDOWN, "server shutting down")
+                    error = tx.replies.error(event.header, Errno.ESHUTDOWN, "server shutting down")
                     self._send(error, _cost(event) if taken else 0)
                     continue
                 self._queue.append((event, taken))
@@ -354,24 +361,24 @@ class Connection(asyncio.BufferedProtocol):
                     budget.wait(self._wake)
             break
 
-    def _dispatch(self, event: events.Command) -> None:
+    def _dispatch(self, event: events.Request) -> None:
         tx, backend = self.transmission, self.backend
         assert tx is not None and backend is not None
         self._inflight += 1
-        request = event.request
+        request = event.header
         if backend.blocking and (
             request.command == Command.FLUSH
             or request.flags & _FUA
             or request.length >= INLINE_BELOW
         ):
             future = asyncio.get_running_loop().run_in_executor(
-                self.context.executor, tx.execute, event, backend
+                self.context.executor, execute, tx.replies, event, backend
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
-            self._done(event, tx.execute(event, backend))
+            self._done(event, execute(tx.replies, event, backend))
 
-    def _finished(self, event: events.Command, future: asyncio.Future[list[Buffer]]) -> None:
+    def _finished(self, event: events.Request, future: asyncio.Future[list[Buffer]]) -> None:
         try:
             reply = future.result()
         except Exception:  # a bug, not a client error: drop this client, serve others
@@ -391,7 +398,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         asyncio.get_running_loop().call_soon(self._pump)
 
-    def _done(self, event: events.Command, reply: list[Buffer]) -> None:
+    def _done(self, event: events.Request, reply: list[Buffer]) -> None:
         self._inflight -= 1
         cost = _cost(event)
         if isinstance(event.payload, bytearray):

@@ -95,7 +95,7 @@ def test_verdicts(tmp_path, workers):
     assert checks["test_must_fail"]["section"] == "Sec / A"
     assert "WARNING test_should_fail [Sec / B]" in stdout
     total = [line for line in stdout.splitlines() if line.startswith("TOTAL")]
-    assert total[0].split() == ["TOTAL", "6", "2", "1", "1", "1", "1", "0"]
+    assert total[0].split() == ["TOTAL", "6", "2", "1", "1", "1", "1", "0", "0"]
 
 
 def test_strict_turns_should_failures_into_failures(tmp_path):
@@ -108,6 +108,46 @@ def test_writes_are_not_run_against_a_server_the_suite_did_not_start(tmp_path):
     _status, checks, stdout = run_suite(tmp_path, "--uri", "nbd+unix:///?socket=/nonexistent")
     assert checks["test_writes"]["outcome"] == "not-run"
     assert "--allow-writes" in checks["test_writes"]["message"]
-    assert "NOT RUN test_writes [Sec / C]" in stdout
+    assert "NOT RUN test_writes [Sec / C]: writes" in stdout
+    assert "not run: 1 (they write to the export: --allow-writes lets them)" in stdout
     _, checks, _ = run_suite(tmp_path, "--uri", "nbd+unix:///?socket=/x", "--allow-writes")
     assert checks["test_writes"]["outcome"] == "passed"
+
+
+TOY_PROFILE = """
+from conformance.servers import Deviation, Profile
+
+class ToyServer(Profile):
+    name = "toy"
+    deviations = (Deviation("test_must_fail", "Sec / A", "the toy server gets sizes wrong"),)
+
+def pytest_nbd_profiles():
+    return [ToyServer]
+"""
+
+
+def test_another_project_registers_its_own_profile(tmp_path):
+    """conformance/hookspecs.py: a conftest adds a profile with its own deviations."""
+    (tmp_path / "conftest.py").write_text(TOY_PROFILE)
+    _, checks, stdout = run_suite(tmp_path, "--nbd-server=toy")
+    assert checks["test_must_fail"]["outcome"] == "xfailed"
+    assert "known toy deviation" in checks["test_must_fail"]["message"]
+    assert "NBD conformance: --nbd-server=toy" in stdout
+
+
+def test_an_unknown_profile_is_a_usage_error(tmp_path):
+    (tmp_path / "test_toy.py").write_text(TOY_CHECKS)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "conformance.plugin", "--nbd-server=nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "--nbd-server=nope: no such profile (known: nbd-server, nbdkit, qemu-nbd" in (
+        result.stderr
+    )

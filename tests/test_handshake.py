@@ -30,6 +30,7 @@ from reference_server.protocol.events import (
 )
 from reference_server.protocol.export import BlockSizes, ExportInfo
 from reference_server.protocol.handshake import Handshake, HandshakeLimits
+from reference_server.protocol.phases import HandshakePhase, LocalProtocolError
 
 # "Newstyle negotiation": the magics, spelled out from the spec.
 NBDMAGIC = b"NBDMAGIC"
@@ -386,14 +387,27 @@ def test_forcedtls_full_negotiation_after_starttls() -> None:
 
 
 def test_tls_established_resets_state_negotiated_before() -> None:
-    # Negotiate structured replies in clear where permitted is impossible in
-    # FORCEDTLS; exercise the reset directly: state set, then tls_established.
-    c = Client()
-    assert c.only(Option.STRUCTURED_REPLY).type == Reply.ACK
+    # Negotiating structured replies in clear is impossible in FORCEDTLS (the
+    # option gets ERR_TLS_REQD); exercise the reset directly, as if a bug had
+    # let the option take effect: state set, STARTTLS, then tls_established.
+    c = Client(tls=True)
+    c.hs._structured = True
+    assert isinstance(c.send(option(Option.STARTTLS)), StartTLS)
+    c.hs.data_to_send()
     c.hs.tls_established()
     negotiated = c.go().negotiated
     assert not negotiated.structured_replies
     assert not negotiated.flags & TransmissionFlag.SEND_DF
+
+
+def test_tls_established_without_starttls_is_a_local_error() -> None:
+    # The transport may report TLS only after StartTLS: anything else is a bug
+    # in the caller, not the client, and the phase does not change.
+    c = Client()
+    with pytest.raises(LocalProtocolError, match="TLS_ESTABLISHED is not allowed in HAGGLING"):
+        c.hs.tls_established()
+    assert c.hs.phase is HandshakePhase.HAGGLING
+    assert_still_haggling(c)
 
 
 # ------------------------------------------------------------ INFO and GO

@@ -6,7 +6,8 @@ import io
 import struct
 import threading
 
-from reference_server.backends.memory import MemoryBackend
+from reference_server.backends.memory import PAGE_SIZE, MemoryBackend
+from reference_server.dispatch import execute
 from reference_server.protocol.constants import (
     Command,
     CommandFlag,
@@ -16,8 +17,8 @@ from reference_server.protocol.constants import (
     Reply,
     TransmissionFlag,
 )
-from reference_server.protocol.events import Command as CommandEvent
 from reference_server.protocol.events import EnterTransmission
+from reference_server.protocol.events import Request as RequestEvent
 from reference_server.protocol.export import ExportInfo
 from reference_server.protocol.handshake import Handshake
 from reference_server.protocol.transmission import Transmission
@@ -100,8 +101,8 @@ def _session_trace() -> list[str]:
     tx = Transmission(event.negotiated, trace=tracer)
     tx.receive_data(struct.pack(">IHHQQI", 0x25609513, 0, Command.READ, 7, 0, 512))
     cmd = tx.next_event()
-    assert isinstance(cmd, CommandEvent)
-    tx.execute(cmd, MemoryBackend(1 << 20))
+    assert isinstance(cmd, RequestEvent)
+    execute(tx.replies, cmd, MemoryBackend(1 << 20))
     tx.receive_data(struct.pack(">IHHQQI", 0x25609513, 0, 42, 8, 0, 0))
     tx.next_event()
     return out.getvalue().splitlines()
@@ -128,3 +129,35 @@ def test_a_session_is_traced_one_line_per_message() -> None:
         assert line.startswith(start), f"expected {start!r}, got {line!r}"
     assert "info=NBD_INFO_EXPORT size=1048576" in lines[5]
     assert "error=NBD_EINVAL" in lines[-1]
+
+
+class _UnreadableBackend(MemoryBackend):
+    """Reads fail after the reply was planned: the data regions are never filled."""
+
+    def pread_into(self, view: memoryview, offset: int, *, fresh: bool = False) -> None:
+        raise OSError(5, "injected")
+
+
+def test_read_chunks_are_traced_only_once_filled() -> None:
+    out = io.StringIO()
+    tracer = TraceLog(out).for_connection(1)
+    hs = Handshake({"": ExportInfo("", 1 << 20)})
+    hs.receive_data(struct.pack(">I", 3))
+    hs.receive_data(struct.pack(">QII", IHAVEOPT, Option.STRUCTURED_REPLY, 0))
+    go = struct.pack(">IHH", 0, 1, Info.BLOCK_SIZE)
+    hs.receive_data(struct.pack(">QII", IHAVEOPT, Option.GO, len(go)) + go)
+    event = hs.next_event()
+    assert isinstance(event, EnterTransmission)
+    tx = Transmission(event.negotiated, trace=tracer)
+    backend = _UnreadableBackend(1 << 20)
+    backend.pwrite(b"data", PAGE_SIZE, False)  # a hole, then data: OFFSET_HOLE + OFFSET_DATA
+    tx.receive_data(struct.pack(">IHHQQI", 0x25609513, 0, Command.READ, 9, 0, 2 * PAGE_SIZE))
+    cmd = tx.next_event()
+    assert isinstance(cmd, RequestEvent)
+    execute(tx.replies, cmd, backend)
+    lines = out.getvalue().splitlines()
+    # The planned chunks were never sent, the hole included: only the error reply is traced.
+    assert len(lines) == 2, "\n".join(lines)
+    assert lines[0].startswith("[1] C> request NBD_CMD_READ")
+    assert lines[1].startswith("[1] S> chunk cookie=9 type=NBD_REPLY_TYPE_ERROR"), lines[1]
+    assert "error=NBD_EIO" in lines[1]

@@ -2,9 +2,10 @@
 
 Each test negotiates through the real Handshake (bytes in), then feeds request
 bytes built here with ``struct`` from proto.md ("Request message") and the
-EXTENDED_HEADERS extension, runs the resulting Command events against a
-MemoryBackend, and parses the reply bytes with an independent parser.  No
-sockets and no reference_server.protocol.wire.
+EXTENDED_HEADERS extension, runs the resulting Request events against a
+MemoryBackend through the dispatch layer (reference_server/dispatch.py), and
+parses the reply bytes with an independent parser.  No sockets and no
+reference_server.protocol.wire.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 
 from reference_server.backends.base import Extent
 from reference_server.backends.memory import PAGE_SIZE, MemoryBackend
+from reference_server.dispatch import execute
 from reference_server.protocol.constants import (
     ChunkType,
     Command,
@@ -28,7 +30,7 @@ from reference_server.protocol.constants import (
     StateFlag,
 )
 from reference_server.protocol.events import Close, EnterTransmission, NeedData
-from reference_server.protocol.events import Command as CommandEvent
+from reference_server.protocol.events import Request as RequestEvent
 from reference_server.protocol.export import BlockSizes, ExportInfo
 from reference_server.protocol.handshake import Handshake
 from reference_server.protocol.transmission import Transmission
@@ -153,8 +155,8 @@ class Conn:
             if isinstance(event, Close):
                 self.closed = event
                 return out
-            assert isinstance(event, CommandEvent)
-            out += b"".join(bytes(b) for b in self.tx.execute(event, self.backend))
+            assert isinstance(event, RequestEvent)
+            out += b"".join(bytes(b) for b in execute(self.tx.replies, event, self.backend))
 
     def parse(self, data: bytes) -> list[Reply]:
         """Split reply bytes into messages, checking magics and lengths."""
@@ -422,7 +424,7 @@ def test_receive_data_accepts_bytearray_and_memoryview() -> None:
     c.tx.receive_data(bytearray(raw[:10]))
     c.tx.receive_data(memoryview(raw)[10:])
     event = c.tx.next_event()
-    assert isinstance(event, CommandEvent) and bytes(event.payload) == b"abcd"
+    assert isinstance(event, RequestEvent) and bytes(event.payload) == b"abcd"
 
 
 def test_request_split_into_single_bytes() -> None:
@@ -453,10 +455,10 @@ def test_write_payload_received_through_payload_buffer() -> None:
         if pos < len(data):
             assert isinstance(event, NeedData)
     assert pos == len(data)
-    assert isinstance(event, CommandEvent)
+    assert isinstance(event, RequestEvent)
     assert bytes(event.payload) == data
     assert c.tx.pending_payload == 0
-    [reply] = c.parse(b"".join(bytes(b) for b in c.tx.execute(event, c.backend)))
+    [reply] = c.parse(b"".join(bytes(b) for b in execute(c.tx.replies, event, c.backend)))
     assert reply.error == 0
     assert c.read(4096, len(data)) == data
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conformance import tlsutil
+from conformance.servers.base import unix_socket_listening
 from conformance.spec import SpecViolation
 from conformance.wire import (
     AllocationState,
@@ -145,15 +146,6 @@ def test_read_reassembly_rejects_overlap_gaps_and_escapes() -> None:
 # ------------------------------------------------------- against qemu-nbd
 
 
-def _accepts(sock: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(sock))
-        except OSError:
-            return False
-    return True
-
-
 def _start_qemu(tmp_path: Path, *extra: str) -> Iterator[Path]:
     if shutil.which("qemu-nbd") is None:
         pytest.skip("qemu-nbd is not installed")
@@ -170,9 +162,8 @@ def _start_qemu(tmp_path: Path, *extra: str) -> Iterator[Path]:
     )
     try:
         deadline = time.monotonic() + 15
-        # The socket file appears at bind(), a moment before listen(): wait
-        # until a connection is accepted, not until the path exists.
-        while not _accepts(sock):
+        # qemu-nbd creates the socket at bind(), before listen(): wait for listening.
+        while not unix_socket_listening(str(sock)):
             assert proc.poll() is None, (tmp_path / "qemu-nbd.log").read_text()
             assert time.monotonic() < deadline, "qemu-nbd did not start listening"
             time.sleep(0.01)

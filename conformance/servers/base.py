@@ -19,7 +19,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+
+from conformance.client import close_handle, open_handle
+from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
+from conformance.target import Target, unix_target
 
 MiB = 1024 * 1024
 DEFAULT_SIZE = 64 * MiB
@@ -101,29 +104,31 @@ def unix_socket_listening(path: str) -> bool:
 
 
 class Server:
-    """A server the checks talk to (started by the suite or not)."""
+    """A server the checks talk to (started by the suite or not).
+
+    Where it is reached is its :class:`~conformance.target.Target`; what it
+    adds is bookkeeping: the configuration it was started in, the write
+    permission of the running check, and every connection made through it,
+    closed at teardown.
+    """
 
     def __init__(
         self,
         *,
-        uri: str,
-        export_name: str,
+        target: Target,
         config: ServerConfig,
-        socket_path: str | None = None,
-        address: tuple[str, int] | None = None,
         started_by_suite: bool = True,
-        writes_allowed: bool = True,
-        tls_dir: str | None = None,
+        write_permission: WritePermission | None = None,
         profile: str = "",
     ) -> None:
-        self.uri = uri
-        self.export_name = export_name
+        self.target = target
         self.config = config
-        self.socket_path = socket_path
-        self.address = address
         self.started_by_suite = started_by_suite
-        self.writes_allowed = writes_allowed
-        self.tls_dir = tls_dir
+        # Set for each check by the start_server fixture; until then a server
+        # the suite did not start is never written to.
+        if write_permission is None:
+            write_permission = UNRESTRICTED if started_by_suite else READ_ONLY
+        self.write_permission = write_permission
         self.profile = profile
         self._handles: list[Any] = []
         self._sockets: list[socket.socket] = []
@@ -131,31 +136,34 @@ class Server:
     def __repr__(self) -> str:
         return f"<Server {self.profile} {self.uri}>"
 
+    # Where the server is, as the checks have always asked for it.
+    @property
+    def uri(self) -> str:
+        return self.target.uri
+
+    @property
+    def export_name(self) -> str:
+        return self.target.export_name
+
+    @property
+    def socket_path(self) -> str | None:
+        return self.target.socket_path
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self.target.address
+
+    @property
+    def tls_dir(self) -> str | None:
+        return self.target.tls_dir
+
     @property
     def tls(self) -> bool:
-        return self.uri.startswith("nbds")
+        return self.target.tls
 
     def open_socket(self, timeout: float = 10.0) -> socket.socket:
         """A raw connected socket (for the raw-wire client), closed at teardown."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.socket_path is not None:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    sock.settimeout(timeout)
-                    try:
-                        sock.connect(self.socket_path)
-                    except OSError:
-                        sock.close()
-                        raise
-                else:
-                    assert self.address is not None
-                    sock = socket.create_connection(self.address, timeout=timeout)
-                break
-            except (ConnectionRefusedError, FileNotFoundError):
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.01)
+        sock = self.target.open_socket(timeout)
         self._sockets.append(sock)
         return sock
 
@@ -169,19 +177,16 @@ class Server:
         ask for NAME and DESCRIPTION), ``tls`` (default: as the server),
         ``opt_mode`` (stop in option negotiation), ``timeout`` (seconds).
         """
-        from conformance.client import open_handle
-
         handles = []
         for _ in range(n):
-            h = open_handle(self, **opts)
+            opts.setdefault("handle_name", f"conformance-{self.profile}")
+            h = open_handle(self.target, permission=self.write_permission, **opts)
             self._handles.append(h)
             handles.append(h)
         return handles[0] if n == 1 else handles
 
     def close_clients(self) -> None:
         """Disconnect every handle and socket opened through this server."""
-        from conformance.client import close_handle
-
         while self._handles:
             close_handle(self._handles.pop())
         while self._sockets:
@@ -191,10 +196,29 @@ class Server:
     def stop(self) -> None:
         self.close_clients()
 
+    def expect_exit(self) -> None:
+        """The running check is about to make the server exit (a shutdown check)."""
 
-def unix_uri(export_name: str, socket_path: str, tls: bool = False) -> str:
-    scheme = "nbds+unix" if tls else "nbd+unix"
-    return f"{scheme}:///{quote(export_name, safe='')}?socket={quote(socket_path, safe='/')}"
+    def unexpected_exit(self) -> str | None:
+        """How the server ended, if it did so on its own; None while it runs.
+
+        Only servers the suite started can say (see :class:`LocalServer`).
+        """
+        return None
+
+
+def describe_exit(status: int | None) -> str:
+    """'the server crashed (signal 11, SIGSEGV)' for a returncode of -11."""
+    if status is None:
+        return "the server exited"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "unknown signal"
+        verb = "was killed" if -status in (signal.SIGTERM, signal.SIGKILL) else "crashed"
+        return f"the server {verb} (signal {-status}, {name})"
+    return f"the server exited with status {status}"
 
 
 def _die_with_parent() -> None:
@@ -225,6 +249,8 @@ class LocalServer(Server):
     ) -> None:
         super().__init__(**kwargs)
         self.argv = list(argv)
+        self._stopping = False
+        self._exit_expected = False
         self.workdir = workdir
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -249,6 +275,20 @@ class LocalServer(Server):
     def is_running(self) -> bool:
         return self.process.poll() is None
 
+    def exit_status(self) -> int | None:
+        """The process's returncode (negative: killed by that signal), once it ended."""
+        return self.process.poll()
+
+    def expect_exit(self) -> None:
+        self._exit_expected = True
+
+    def unexpected_exit(self) -> str | None:
+        if self._stopping or self._exit_expected or self.is_running():
+            return None
+        tail = self.log_tail().rstrip()
+        log = f"; its log ends:\n{tail}" if tail else "; its log is empty"
+        return f"{describe_exit(self.exit_status())} during the check{log}"
+
     def wait_ready(self, timeout: float = 15.0) -> None:
         """Wait until the Unix socket listens; fail with the server's output if it died."""
         assert self.socket_path is not None
@@ -269,6 +309,7 @@ class LocalServer(Server):
             delay = min(delay * 2, 0.05)
 
     def stop(self) -> None:
+        self._stopping = True
         super().stop()
         proc = self.process
         if proc.poll() is None:
@@ -294,6 +335,13 @@ class Profile:
 
     def check_config(self, config: ServerConfig) -> None:
         """Raise ProfileCannotDo if the server cannot be put in CONFIG."""
+
+    def running_server(self) -> Server | None:
+        """The one server that runs for the whole session, for a profile that starts none.
+
+        The plugin probes it after every check (:mod:`conformance.liveness`).
+        """
+        return None
 
     def export_name(self, config: ServerConfig) -> str:
         return config.export_name
@@ -325,11 +373,10 @@ class Profile:
             log_path=workdir / "server.log",
             env=self.env(),
             cwd=self.cwd(),
-            uri=unix_uri(export, socket_path, config.tls),
-            export_name=export,
+            target=unix_target(
+                export, socket_path, config.tls, tls_dir=tls_dir if config.tls else None
+            ),
             config=config,
-            socket_path=socket_path,
-            tls_dir=tls_dir if config.tls else None,
             profile=self.name,
         )
         try:

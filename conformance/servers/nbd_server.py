@@ -48,6 +48,9 @@ class DaemonServer(LocalServer):
     def is_running(self) -> bool:
         return self.daemon_pid is not None and _alive(self.daemon_pid)
 
+    def exit_status(self) -> int | None:
+        return None  # the daemon is not our child: its status is not ours to read
+
     def wait_ready(self, timeout: float = 15.0) -> None:
         deadline = time.monotonic() + timeout
         try:
@@ -71,6 +74,7 @@ class DaemonServer(LocalServer):
         super().wait_ready(max(0.1, deadline - time.monotonic()))
 
     def stop(self) -> None:
+        self._stopping = True
         Server.stop(self)
         pid = self.daemon_pid
         if pid is not None and _alive(pid):

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from conformance.servers.base import DEFAULT_SIZE, Profile, ProfileCannotDo, Server, ServerConfig
+from conformance.target import Target
 
 NBD_PORT = 10809
 
@@ -69,17 +70,17 @@ class UriProfile(Profile):
 
     def server(self, config: ServerConfig) -> Server:
         p = self.parsed
-        return Server(
+        target = Target(
             uri=self.uri,
             export_name=p.export_name,
-            config=config,
             socket_path=p.socket_path,
             address=(p.host, p.port) if p.host is not None else None,
-            started_by_suite=False,
-            writes_allowed=self.allow_writes,
             tls_dir=p.tls_certificates,
-            profile=self.name,
         )
+        return Server(target=target, config=config, started_by_suite=False, profile=self.name)
+
+    def running_server(self) -> Server:
+        return self.server(ServerConfig(tls=self.parsed.tls))
 
     def read_only(self) -> bool:
         """Whether the server advertises NBD_FLAG_READ_ONLY (asked once)."""

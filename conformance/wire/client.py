@@ -6,7 +6,10 @@ names, STARTTLS at any point.  Every socket operation has a timeout; a server
 that stalls makes the check fail with a message, never hang.
 
 The client tracks just enough negotiated state (structured replies, extended
-headers, TLS) to frame the server's replies; it never refuses to send.
+headers, TLS) to frame the server's replies; it never refuses to send, with
+one exception: a request that changes data (write, trim, write-zeroes) goes
+only where the connection's :class:`~conformance.guard.WritePermission`
+allows it, and is refused before anything is sent otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import ssl
 import struct
 import time
 from typing import Protocol
+
+from conformance import evidence
+from conformance.guard import UNRESTRICTED, WRITE_COMMANDS, WritePermission
 
 from . import messages as m
 from .constants import (
@@ -57,9 +63,18 @@ class _HasOpenSocket(Protocol):
 class WireClient:
     """One connection to an NBD server, driven message by message."""
 
-    def __init__(self, sock: socket.socket, *, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        timeout: float = 10.0,
+        permission: WritePermission = UNRESTRICTED,
+    ) -> None:
         self.sock: socket.socket = sock
         self.timeout = timeout
+        self.permission = permission
+        # In the transmission phase, raw bytes sent are checked for write requests.
+        self.transmitting = False
         sock.settimeout(timeout)
         self.greeting: m.Greeting | None = None
         self.client_flags: int | None = None
@@ -67,13 +82,16 @@ class WireClient:
         self.extended = False
         self.tls = False
         self.log: collections.deque[str] = collections.deque(maxlen=200)
+        # Every line also goes to the running check's evidence (conformance/evidence.py).
+        self.name = evidence.connection("wire")
         self._read_lengths: dict[int, int] = {}
         self._stash: dict[int, list[m.SimpleReply | m.Chunk]] = {}
         self._next_cookie = 1
 
     @classmethod
     def connect(cls, server: _HasOpenSocket, *, timeout: float = 10.0) -> WireClient:
-        return cls(server.open_socket(timeout=timeout), timeout=timeout)
+        permission = getattr(server, "write_permission", UNRESTRICTED)
+        return cls(server.open_socket(timeout=timeout), timeout=timeout, permission=permission)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -85,6 +103,13 @@ class WireClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def note(self, line: str, raw: bytes | None = None) -> None:
+        """Log one decoded frame (with its header bytes in hex, when given)."""
+        if raw is not None:
+            line = f"{line} [{bytes(raw[:32]).hex()}{'...' if len(raw) > 32 else ''}]"
+        self.log.append(line)
+        evidence.record(self.name, line)
+
     def transcript(self) -> str:
         """The last messages exchanged, Autobahn-style, for failure messages."""
         return "\n".join(self.log)
@@ -92,6 +117,8 @@ class WireClient:
     # ------------------------------------------------------------ raw bytes
 
     def send(self, data: bytes) -> None:
+        if self.transmitting:
+            self.permission.require_for_bytes(data)
         try:
             self.sock.sendall(data)
         except (BrokenPipeError, ConnectionResetError) as exc:
@@ -139,7 +166,7 @@ class WireClient:
                 except (ConnectionResetError, ssl.SSLError, OSError):
                     piece = b""
                 if not piece:
-                    self.log.append("S: <connection closed>")
+                    self.note("S: <connection closed>")
                     return DisconnectResult(True, bytes(data), time.monotonic() - start)
                 data += piece[: max(0, (1 << 20) - len(data))]
                 if stop_on_data:
@@ -153,12 +180,12 @@ class WireClient:
     def read_greeting(self) -> m.Greeting:
         self.greeting = m.unpack_greeting(self.recv_exactly(m.GREETING.size, "greeting"))
         g = self.greeting
-        self.log.append(f"S: greeting {g.magic:#x} {g.option_magic:#x} flags={g.flags!r}")
+        self.note(f"S: greeting {g.magic:#x} {g.option_magic:#x} flags={g.flags!r}")
         return g
 
     def send_client_flags(self, flags: int) -> None:
         self.client_flags = flags
-        self.log.append(f"C: client flags {flags:#x}")
+        self.note(f"C: client flags {flags:#x}")
         self.send(m.pack_client_flags(flags))
 
     def negotiate(self, flags: int | None = None) -> m.Greeting:
@@ -177,13 +204,14 @@ class WireClient:
         self, option: int, data: bytes = b"", *, length: int | None = None, magic: int = IHAVEOPT
     ) -> None:
         claimed = len(data) if length is None else length
-        self.log.append(f"C: option {Opt(option).name} length={claimed} ({len(data)} sent)")
-        self.send(m.pack_option(option, data, length=length, magic=magic))
+        packed = m.pack_option(option, data, length=length, magic=magic)
+        self.note(f"C: option {Opt(option).name} length={claimed} ({len(data)} sent)", packed)
+        self.send(packed)
 
     def recv_option_reply(self) -> m.OptionReply:
         header = self.recv_exactly(m.OPTION_REPLY_HEADER.size, "option reply")
         magic, option, rep, length = m.unpack_option_reply_header(header)
-        self.log.append(f"S: option reply {option.name} {rep.name} length={length}")
+        self.note(f"S: option reply {option.name} {rep.name} length={length}", header)
         if magic != OPTION_REPLY_MAGIC:
             raise m.ProtocolViolation(f"option reply magic {magic:#x}, expected the spec's")
         if length > MAX_OPTION_REPLY:
@@ -199,7 +227,10 @@ class WireClient:
     def option(self, option: int, data: bytes = b"", *, length: int | None = None) -> OptionResult:
         """Send one option and read every reply up to the final one."""
         self.send_option(option, data, length=length)
-        return self.recv_option_result()
+        result = self.recv_option_result()
+        if option == Opt.GO and result.ok:
+            self.transmitting = True
+        return result
 
     def export_name(self, name: bytes) -> ExportNameResult:
         """NBD_OPT_EXPORT_NAME: enter transmission, or raise Disconnected."""
@@ -208,7 +239,8 @@ class WireClient:
         zeroes = b""
         if not (self.client_flags or 0) & ClientFlag.C_NO_ZEROES:
             zeroes = self.recv_exactly(EXPORT_NAME_ZEROES, "reserved zeroes")
-        self.log.append(f"S: export size={export.size} flags={export.flags!r}")
+        self.note(f"S: export size={export.size} flags={export.flags!r}")
+        self.transmitting = True
         return ExportNameResult(export, zeroes)
 
     def info(self, name: bytes, infos: tuple[int, ...] = (Info.BLOCK_SIZE,)) -> OptionResult:
@@ -246,7 +278,7 @@ class WireClient:
         self.sock.settimeout(self.timeout)
         self.tls = True
         self.structured = self.extended = False
-        self.log.append(f"C/S: TLS established ({self.sock.version()})")
+        self.note(f"C/S: TLS established ({self.sock.version()})")
 
     def abort(self) -> OptionResult | None:
         """NBD_OPT_ABORT; ``None`` if the server closed without replying (allowed)."""
@@ -300,6 +332,8 @@ class WireClient:
         magic: int | None = None,
     ) -> int:
         """Send one request exactly as told; returns its cookie."""
+        if cmd in WRITE_COMMANDS:
+            self.permission.require(WRITE_COMMANDS[cmd])
         if cookie is None:
             cookie = self._next_cookie
             self._next_cookie += 1
@@ -309,9 +343,10 @@ class WireClient:
         data = pack(cmd, offset, length, flags=flags, cookie=cookie, payload=payload, **kwargs)
         if cmd == Cmd.READ:
             self._read_lengths[cookie] = length
-        self.log.append(
+        self.note(
             f"C: {Cmd(cmd).name} flags={flags:#x} cookie={cookie:#x} offset={offset} "
-            f"length={length} payload={len(payload)}{' (extended)' if use_extended else ''}"
+            f"length={length} payload={len(payload)}{' (extended)' if use_extended else ''}",
+            data,
         )
         self.send(data)
         return cookie
@@ -324,7 +359,7 @@ class WireClient:
             length = self._read_lengths.pop(cookie, 0) if error == 0 else 0
             self._read_lengths.pop(cookie, None)
             data = self.recv_exactly(length, "read data") if length else b""
-            self.log.append(f"S: simple reply cookie={cookie:#x} error={Errno(error).name}")
+            self.note(f"S: simple reply cookie={cookie:#x} error={Errno(error).name}")
             return m.SimpleReply(Errno(error), cookie, data)
         if magic == STRUCTURED_REPLY_MAGIC:
             flags, rtype, cookie, length = m.STRUCTURED_REPLY_TAIL.unpack(
@@ -343,8 +378,9 @@ class WireClient:
         chunk = m.Chunk(ReplyFlag(flags), ReplyType(rtype), cookie, payload, offset, magic)
         if chunk.done:
             self._read_lengths.pop(cookie, None)
-        self.log.append(
+        self.note(
             f"S: chunk {chunk.type.name} flags={flags:#x} cookie={cookie:#x} length={length}"
+            f"{'' if offset is None else f' offset={offset}'} {evidence.summarise(payload)}"
         )
         return chunk
 

@@ -9,9 +9,14 @@ At build time it
 * runs ``docs/traces/capture.py --check``: the protocol tour's captured
   exchanges must match what the reference server does now;
 * generates the traceability page (``.. nbd-traceability::``) from the
-  headings of ``docs/spec/proto.md`` and the ``@spec(...)`` tags of the
-  conformance checks, found by static analysis (the suite is never imported);
-* renders the findings page (``.. nbd-findings::``) from ``reports/*.json``.
+  requirement ledger (``conformance/requirements/*.toml``), after checking it
+  against the key-word sentences of ``docs/spec/proto.md`` and the
+  ``@spec(...)`` tags of the conformance checks, found by static analysis
+  (the suite is never imported);
+* renders the findings page (``.. nbd-findings::``) from ``reports/*.json``;
+* draws the state diagrams of the architecture page (``.. nbd-state-diagram::
+  MODULE[:TABLE]``) from the transition tables in the code, and checks that
+  each transition cites a heading of the specification.
 
 Every problem is a Sphinx warning, so ``sphinx-build -W`` (``tox -e docs``)
 fails on it.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib
 import json
 import re
 import subprocess
@@ -41,6 +47,16 @@ logger = logging.getLogger(__name__)
 
 DOCS = Path(__file__).resolve().parents[1]
 REPO = DOCS.parent
+# The requirement ledger and the static reader of the checks live with the
+# suite (conformance/requirements/); they import neither pytest nor libnbd.
+sys.path.insert(0, str(REPO))
+from conformance.requirements.audit import all_problems as ledger_problems  # noqa: E402
+from conformance.requirements.checks import Check  # noqa: E402
+from conformance.requirements.checks import suite_checks as _suite_checks  # noqa: E402
+from conformance.requirements.coverage import coverage as ledger_coverage  # noqa: E402
+from conformance.requirements.ledger import LEDGER_DIR, Entry, Status, load_unmapped  # noqa: E402
+from conformance.requirements.ledger import load as load_ledger  # noqa: E402
+
 SPEC = DOCS / "spec" / "proto.md"
 EXT_SPEC = DOCS / "spec" / "proto-extension-ext-header.md"
 SERVER_PAGE = "tools/nbd-reference-server"
@@ -254,105 +270,9 @@ def resolve(section: str, headings: list[Heading]) -> tuple[Heading | None, str]
 # -------------------------------------------------------------- the checks
 
 
-@dataclasses.dataclass(frozen=True)
-class Check:
-    name: str
-    file: str
-    line: int
-    section: str
-    level: str
-    quote: str | None
-
-
-def _string(node: ast.expr | None, names: dict[str, ast.expr], depth: int = 0) -> str | None:
-    """The value of a string expression made of literals, module constants and ``+``."""
-    if node is None or depth > 20:
-        return None
-    if isinstance(node, ast.Constant):
-        return node.value if isinstance(node.value, str) else None
-    if isinstance(node, ast.Name) and node.id in names:
-        return _string(names[node.id], names, depth + 1)
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
-        left, right = _string(node.left, names, depth + 1), _string(node.right, names, depth + 1)
-        return left + right if left is not None and right is not None else None
-    return None
-
-
-def _level(node: ast.expr | None) -> str:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    if isinstance(node, ast.Constant):
-        return str(node.value)
-    return "MUST"
-
-
-def _module_constants(tree: ast.Module) -> dict[str, ast.expr]:
-    names: dict[str, ast.expr] = {}
-    for statement in tree.body:
-        if isinstance(statement, ast.Assign) and len(statement.targets) == 1:
-            target = statement.targets[0]
-            if isinstance(target, ast.Name):
-                names[target.id] = statement.value
-        elif (
-            isinstance(statement, ast.AnnAssign)
-            and statement.value is not None
-            and isinstance(statement.target, ast.Name)
-        ):
-            names[statement.target.id] = statement.value
-    return names
-
-
-def _spec_call(decorator: ast.expr) -> ast.Call | None:
-    if not isinstance(decorator, ast.Call):
-        return None
-    func = decorator.func
-    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-    return decorator if name == "spec" else None
-
-
 def suite_checks(directory: Path) -> tuple[list[Check], list[str]]:
     """Every ``@spec(...)``-tagged check in DIRECTORY/test_*.py, by static analysis."""
-    checks: list[Check] = []
-    problems: list[str] = []
-    for path in sorted(directory.glob("test_*.py")):
-        relative = path.relative_to(REPO).as_posix()
-        try:
-            tree = ast.parse(path.read_text(), relative)
-        except SyntaxError as exc:
-            problems.append(f"{relative}: cannot parse: {exc}")
-            continue
-        names = _module_constants(tree)
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                continue
-            for decorator in node.decorator_list:
-                call = _spec_call(decorator)
-                if call is None:
-                    continue
-                args: dict[str, ast.expr | None] = dict(
-                    zip(("section", "level", "quote"), call.args, strict=False)
-                )
-                args.update({k.arg: k.value for k in call.keywords if k.arg})
-                section = _string(args.get("section"), names)
-                if section is None:
-                    problems.append(
-                        f"{relative}:{node.lineno}: {node.name}: cannot read the section of its "
-                        "@spec statically (use a string literal or a module-level constant)"
-                    )
-                    continue
-                checks.append(
-                    Check(
-                        name=node.name,
-                        file=relative,
-                        line=node.lineno,
-                        section=section,
-                        level=_level(args.get("level")),
-                        quote=_string(args.get("quote"), names) or None,
-                    )
-                )
-    return checks, problems
+    return _suite_checks(directory)
 
 
 def _flat(text: str) -> str:
@@ -422,28 +342,62 @@ def _table(headers: list[str], rows: Iterable[list[nodes.Node]], widths: list[in
     return table
 
 
-def _check_list(checks: list[tuple[Check, str]]) -> nodes.Node:
-    if not checks:
-        return _para(nodes.emphasis(text="not covered yet"))
-    items = nodes.bullet_list()
-    for check, item in checks:
-        para = _para(
-            nodes.literal(text=check.name),
-            f" ({check.level}; {check.file}:{check.line}"
-            + (f"; about {item}" if item else "")
-            + ")",
-        )
-        items += nodes.list_item("", para)
-    return items
+def _heading_of(entry: Entry, titles: dict[str, float]) -> str:
+    """The Markdown heading an entry is under: its section without any named item."""
+    parts = entry.section.split(" / ")
+    while len(parts) > 1 and " / ".join(parts) not in titles:
+        parts.pop()
+    return " / ".join(parts)
+
+
+def _figures(entries: list[Entry]) -> list[str]:
+    testable = [e for e in entries if e.testable]
+    return [
+        str(len(entries)),
+        str(len(testable)),
+        str(sum(e.status is Status.CHECKED for e in testable)),
+        str(sum(e.status is Status.PARTIAL for e in testable)),
+        str(sum(e.status is Status.UNCHECKED for e in testable)),
+        str(len(entries) - len(testable)),
+    ]
+
+
+def _entry_item(entry: Entry) -> nodes.list_item:
+    """One entry: ID, level, binds, status, why, the sentence and the checks."""
+    head = _para(
+        nodes.literal(text=entry.id),
+        f" ({entry.level}, {entry.binds}"
+        + (", from the extension" if entry.source == "extension" else "")
+        + f"): {entry.status.value}",
+    )
+    if entry.reason:
+        head += nodes.Text(f": {entry.reason}")
+    item = nodes.list_item("", head)
+    item += nodes.block_quote("", _para(entry.text))
+    for label, names in (
+        ("tested in full by", entry.checks),
+        ("tested in part by", entry.partial),
+        ("quoted by, not tested by", entry.miscited),
+    ):
+        if names:
+            para = _para(f"{label} ")
+            for n, name in enumerate(names):
+                para += nodes.Text(", " if n else "")
+                para += nodes.literal(text=name)
+            item += para
+    if entry.note:
+        item += _para(nodes.emphasis(text=entry.note))
+    return item
 
 
 class TraceabilityDirective(SphinxDirective):
-    """Every heading of proto.md, the checks that enforce it, and the gaps."""
+    """The requirement ledger: coverage per level and per section, and what is not checked."""
 
     has_content = False
 
     def run(self) -> list[nodes.Node]:
-        self.env.note_dependency(str(SPEC))
+        for path in [*sorted(LEDGER_DIR.glob("*.toml")), SPEC, EXT_SPEC]:
+            self.env.note_dependency(str(path))
         if not SPEC.exists():
             logger.warning(
                 "the specification is missing: expected %s (the repository's "
@@ -452,82 +406,138 @@ class TraceabilityDirective(SphinxDirective):
                 location=self.get_location(),
             )
             return [_para(nodes.strong(text=f"The specification ({SPEC}) was not found."))]
+        self._check_citations()
+        entries = load_ledger()
+        checks, _ = suite_checks(REPO / "conformance")
+        for problem in ledger_problems(entries, checks):
+            logger.warning("requirement ledger: %s", problem, location=self.get_location())
+        result: list[nodes.Node] = [self._summary(entries, checks)]
+        result.append(nodes.rubric(text="Coverage per level"))
+        rows = [
+            [
+                _para(row.level),
+                _para(str(row.total)),
+                _para(str(row.checked)),
+                _para(str(row.partial)),
+                _para(str(row.unchecked)),
+            ]
+            for row in ledger_coverage(entries)
+        ]
+        result.append(
+            _table(
+                ["Level", "Testable (server)", "Checked", "In part", "Not yet"],
+                rows,
+                [20, 20, 20, 20, 20],
+            )
+        )
+        # Headings in proto.md's order, the extension's own after the heading
+        # they follow in its copy.
+        titles: dict[str, float] = {h.title: n for n, h in enumerate(spec_headings(SPEC))}
+        previous = -1.0
+        for heading in spec_headings(EXT_SPEC) if EXT_SPEC.exists() else []:
+            previous = titles.setdefault(heading.title, previous + 0.01)
+        grouped: dict[str, list[Entry]] = {}
+        for entry in entries:
+            grouped.setdefault(_heading_of(entry, titles), []).append(entry)
+        groups = dict(sorted(grouped.items(), key=lambda kv: titles.get(kv[0], len(titles))))
+        result.append(nodes.rubric(text="Coverage per section"))
+        rows = [
+            [_para(nodes.literal(text=heading)), *(_para(f) for f in _figures(group))]
+            for heading, group in groups.items()
+        ]
+        result.append(
+            _table(
+                ["Section", "Entries", "Testable", "Checked", "In part", "Not yet", "Other"],
+                rows,
+                [40, 10, 10, 10, 10, 10, 10],
+            )
+        )
+        result.append(nodes.rubric(text="Section by section: what is not checked, and why"))
+        for heading, group in groups.items():
+            section = nodes.section(ids=[nodes.make_id("ledger-" + heading)])
+            section += nodes.title(text=heading)
+            checked = [e for e in group if e.status is Status.CHECKED]
+            others = [e for e in group if e.status is not Status.CHECKED]
+            summary = f"{len(group)} entries, {len(checked)} checked in full."
+            section += _para(summary)
+            if others:
+                section += nodes.bullet_list("", *(_entry_item(e) for e in others))
+            if checked:
+                section += _para("Checked in full:")
+                section += nodes.bullet_list("", *(_entry_item(e) for e in checked))
+            result.append(section)
+        result += self._miscited(entries)
+        result += self._unmapped(checks)
+        return result
+
+    def _miscited(self, entries: list[Entry]) -> list[nodes.Node]:
+        """Checks whose ``quote=`` names a sentence they do not test: the lead's fix list."""
+        items = nodes.bullet_list()
+        for entry in entries:
+            for name in entry.miscited:
+                items += nodes.list_item(
+                    "",
+                    _para(
+                        nodes.literal(text=name),
+                        " quotes ",
+                        nodes.literal(text=entry.id),
+                        f" ({entry.level}): {entry.note}",
+                    ),
+                )
+        if not len(items):
+            return []
+        return [nodes.rubric(text="Checks that quote a sentence they do not test"), items]
+
+    def _summary(self, entries: list[Entry], checks: list[Check]) -> nodes.Node:
+        testable = [e for e in entries if e.testable]
+        miscited = sum(len(e.miscited) for e in entries)
+        return _para(
+            f"{len(entries)} entries classify the key-word sentences of proto.md and of the "
+            f"EXTENDED_HEADERS extension ({sum(e.source == 'extension' for e in entries)} "
+            f"from the extension). {len(testable)} are requirements on the server a check "
+            f"could test from the wire: {sum(e.status is Status.CHECKED for e in testable)} "
+            f"are checked in full, {sum(e.status is Status.PARTIAL for e in testable)} in "
+            f"part, {sum(e.status is Status.UNCHECKED for e in testable)} not yet. The suite "
+            f"has {len(checks)} checks; {miscited} times a check quotes a sentence it does "
+            "not test (listed under the entry as 'quoted by, not tested by')."
+        )
+
+    def _unmapped(self, checks: list[Check]) -> list[nodes.Node]:
+        unmapped = load_unmapped()
+        if not unmapped:
+            return []
+        items = nodes.bullet_list()
+        files = {c.name: c.file for c in checks}
+        for name, reason in sorted(unmapped.items()):
+            items += nodes.list_item(
+                "",
+                _para(nodes.literal(text=name), f" ({files.get(name, '?')}): {reason}"),
+            )
+        return [nodes.rubric(text="Checks that test no key-word sentence"), items]
+
+    def _check_citations(self) -> None:
+        """Every check's section is a heading of the spec, and its quote a sentence of it."""
         headings = spec_headings(SPEC)
         extension = spec_headings(EXT_SPEC) if EXT_SPEC.exists() else []
         checks, problems = suite_checks(REPO / "conformance")
         for problem in problems:
             logger.warning(problem, location=self.get_location())
-        by_heading: dict[Heading, list[tuple[Check, str]]] = {h: [] for h in headings}
-        by_extension: dict[Heading, list[tuple[Check, str]]] = {}
         for check in checks:
             heading, item = resolve(check.section, headings)
-            if heading is not None:
-                by_heading[heading].append((check, item))
-                continue
-            ext_heading, ext_item = resolve(check.section, extension)
-            if ext_heading is not None and ext_heading not in headings:
-                by_extension.setdefault(ext_heading, []).append((check, ext_item))
-                continue
-            logger.warning(
-                "%s:%d: %s cites %r, which is no heading of proto.md (%s)",
-                check.file,
-                check.line,
-                check.name,
-                check.section,
-                item,
-                location=self.get_location(),
-            )
+            if heading is None:
+                heading, _ = resolve(check.section, extension)
+            if heading is None:
+                logger.warning(
+                    "%s:%d: %s cites %r, which is no heading of proto.md (%s)",
+                    check.file,
+                    check.line,
+                    check.name,
+                    check.section,
+                    item,
+                    location=self.get_location(),
+                )
         for problem in quote_problems(checks, headings, extension):
             logger.warning(problem, location=self.get_location())
-        covered = [h for h in headings if by_heading[h]]
-        result: list[nodes.Node] = [
-            _para(
-                f"{len(checks)} checks in {len({c.file for c in checks})} files cite "
-                f"{len(covered)} of the {len(headings)} headings of proto.md; "
-                f"{len(headings) - len(covered)} headings have no check yet. Levels: "
-                + ", ".join(
-                    f"{sum(c.level == level for c in checks)} {level}"
-                    for level in ("MUST", "SHOULD", "MAY")
-                )
-                + "."
-            )
-        ]
-        rows = [
-            [
-                _para(nodes.literal(text=h.title)),
-                _check_list(sorted(by_heading[h], key=lambda ci: ci[0].name)),
-            ]
-            for h in headings
-        ]
-        section = nodes.rubric(text="Every heading of proto.md")
-        result += [section, _table(["Heading (proto.md)", "Checks"], rows, [35, 65])]
-        if by_extension:
-            result.append(nodes.rubric(text="The EXTENDED_HEADERS extension"))
-            result.append(
-                _table(
-                    ["Heading (proto-extension-ext-header.md)", "Checks"],
-                    (
-                        [_para(nodes.literal(text=h.title)), _check_list(v)]
-                        for h, v in by_extension.items()
-                    ),
-                    [35, 65],
-                )
-            )
-        result.append(nodes.rubric(text="Headings no check covers yet"))
-        gaps = nodes.bullet_list()
-        for heading in headings:
-            if not by_heading[heading]:
-                below = sum(
-                    len(v)
-                    for h, v in by_heading.items()
-                    if h.path[: len(heading.path)] == heading.path and h != heading
-                )
-                note = f" (line {heading.line}" + (
-                    f"; its subsections have {below} checks)" if below else ")"
-                )
-                gaps += nodes.list_item("", _para(nodes.literal(text=heading.title), note))
-        result.append(gaps if len(gaps) else _para("None: every heading has a check."))
-        return result
 
 
 # ------------------------------------------------------------ the findings
@@ -634,6 +644,128 @@ class FindingsDirective(SphinxDirective):
         return out
 
 
+# ---------------------------------------------------------- state diagrams
+
+
+def _is_table(value: object) -> bool:
+    """Has the shape of ``reference_server.protocol.phases.TransitionTable``."""
+    return all(hasattr(value, name) for name in ("title", "initial", "phases", "transitions"))
+
+
+def transition_tables(target: str) -> list[Any]:
+    """The tables ``MODULE:ATTRIBUTE`` names, or every table ``MODULE`` defines, in order."""
+    module_name, _, attribute = target.partition(":")
+    sys.path.insert(0, str(REPO))
+    try:
+        module = importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(REPO))
+    if attribute:
+        table = getattr(module, attribute, None)
+        if not _is_table(table):
+            raise ValueError(f"{target} is not a transition table")
+        return [table]
+    found: list[Any] = []
+    for value in vars(module).values():
+        if _is_table(value) and not any(value is t for t in found):
+            found.append(value)
+    if not found:
+        raise ValueError(f"module {module_name} defines no transition table")
+    return found
+
+
+def _describe(member: Any) -> str:
+    """An enum member's description: its value when that is text, else nothing."""
+    value = getattr(member, "value", None)
+    return value if isinstance(value, str) else ""
+
+
+def state_diagram(table: Any) -> str:
+    """A text drawing of TABLE: each phase, and the arrows that leave it."""
+    rows = list(table.transitions)
+    width = max((len(r.trigger.name) for r in rows), default=0)
+    entered = {r.target for r in rows}
+    lines: list[str] = []
+    for phase in table.phases:
+        notes = []
+        if phase == table.initial:
+            notes.append("initial")
+        if not any(r.source == phase for r in rows):
+            notes.append("final")
+        if phase != table.initial and phase not in entered:
+            notes.append("never entered")
+        lines.append(phase.name + (f"  ({', '.join(notes)})" if notes else ""))
+        leaving = [r for r in rows if r.source == phase]
+        for n, row in enumerate(leaving):
+            branch = "`--" if n == len(leaving) - 1 else "|--"
+            lines.append(f"  {branch} {row.trigger.name.ljust(width)} --> {row.target.name}")
+    return "\n".join(lines)
+
+
+class StateDiagramDirective(SphinxDirective):
+    """A transition table of the code, drawn, listed, and checked against the spec."""
+
+    required_arguments = 1
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        target = self.arguments[0]
+        try:
+            tables = transition_tables(target)
+        except (ImportError, ValueError) as exc:
+            logger.warning("nbd-state-diagram %s: %s", target, exc, location=self.get_location())
+            return [_para(nodes.strong(text=f"No transition table at {target}."))]
+        module = sys.modules[target.partition(":")[0]]
+        if module.__file__:
+            self.env.note_dependency(module.__file__)
+        self.env.note_dependency(str(SPEC))
+        headings = spec_headings(SPEC) if SPEC.exists() else []
+        extension = spec_headings(EXT_SPEC) if EXT_SPEC.exists() else []
+        result: list[nodes.Node] = []
+        for table in tables:
+            result += self._render(table, headings, extension)
+        return result
+
+    def _render(
+        self, table: Any, headings: list[Heading], extension: list[Heading]
+    ) -> list[nodes.Node]:
+        phases = nodes.definition_list()
+        for phase in table.phases:
+            item = nodes.definition_list_item()
+            item += nodes.term("", "", nodes.literal(text=phase.name))
+            item += nodes.definition("", _para(_describe(phase)))
+            phases += item
+        rows = []
+        for row in table.transitions:
+            heading, _ = resolve(row.section, headings)
+            if heading is None:
+                heading, _ = resolve(row.section, extension)
+            if heading is None:
+                logger.warning(
+                    "%s transition %s + %s cites %r, which is no heading of the specification",
+                    table.title,
+                    row.source.name,
+                    row.trigger.name,
+                    row.section,
+                    location=self.get_location(),
+                )
+            rows.append(
+                [
+                    _para(nodes.literal(text=row.source.name)),
+                    _para(nodes.literal(text=row.trigger.name), f": {_describe(row.trigger)}"),
+                    _para(nodes.literal(text=row.target.name)),
+                    _para(row.section),
+                ]
+            )
+        diagram = nodes.literal_block(text=state_diagram(table))
+        return [
+            nodes.rubric(text=f"The {table.title} phases"),
+            phases,
+            diagram,
+            _table(["From", "Trigger", "To", "Spec (heading path)"], rows, [18, 37, 15, 30]),
+        ]
+
+
 # --------------------------------------------------------------- man pages
 
 
@@ -666,6 +798,7 @@ def always_reread(
 def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("nbd-traceability", TraceabilityDirective)
     app.add_directive("nbd-findings", FindingsDirective)
+    app.add_directive("nbd-state-diagram", StateDiagramDirective)
     app.add_post_transform(PlainInternalLinks)
     app.connect("builder-inited", check_traces)
     app.connect("env-get-outdated", always_reread)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .export import Negotiated
-from .wire import Request
+from .wire import RequestHeader
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +42,16 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
-class Command:
-    """A validated transmission request, ready for a backend.
+class Request:
+    """A validated transmission request, ready to run.
 
-    ``payload`` holds the data of NBD_CMD_WRITE; it is empty otherwise.
+    ``header`` holds the request message's fields (its command is a
+    ``constants.Command``); ``payload`` holds the data of NBD_CMD_WRITE and
+    is empty otherwise.
     """
 
-    request: Request
+    header: RequestHeader
     payload: bytes | bytearray | memoryview = b""
 
 
-Event = NeedData | StartTLS | EnterTransmission | Close | Command
+Event = NeedData | StartTLS | EnterTransmission | Close | Request

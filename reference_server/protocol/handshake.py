@@ -29,12 +29,15 @@ from .constants import (
 )
 from .events import Close, EnterTransmission, Event, NeedData, StartTLS
 from .export import ExportInfo, Negotiated
+from .phases import HANDSHAKE_TRANSITIONS, HandshakePhase, HandshakeTrigger, PhaseMachine
 
 # The id this server gives base:allocation ("NBD_OPT_SET_META_CONTEXT": ids are
 # transient and opaque to the client; one context needs one id).
 BASE_ALLOCATION_ID = 1
 
 Tracer = Callable[[str, str, Mapping[str, object]], None]
+# Phases in which bytes from the client are kept: the rest drop them.
+_READING = (HandshakePhase.AWAITING_CLIENT_FLAGS, HandshakePhase.HAGGLING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +77,9 @@ class Handshake:
         self._no_zeroes = False
         self._options_seen = 0
         self._refusal: tuple[Reply, str] | None = None
-        self._finished = False
         self._reset_negotiation()
-        self._state = "client_flags"
+        # The phase changes only through HANDSHAKE_TRANSITIONS (phases.py).
+        self._phases = PhaseMachine(HANDSHAKE_TRANSITIONS)
         handshake_flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
         self._send(wire.pack_greeting(handshake_flags), "greeting", flags=handshake_flags)
 
@@ -84,7 +87,7 @@ class Handshake:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes read from the client (ignored once TLS is pending or haggling ended)."""
-        if self._state in ("client_flags", "options"):
+        if self._phases.phase in _READING:
             self._in += data
         # Bytes arriving in clear while TLS is being set up are dropped: nothing
         # sent before the TLS session may be acted on after it ("Protocol
@@ -98,7 +101,11 @@ class Handshake:
     @property
     def buffered(self) -> bytes:
         """Bytes received after the final option: the start of transmission."""
-        return bytes(self._in) if self._finished else b""
+        return bytes(self._in) if self._phases.phase is HandshakePhase.FINISHED else b""
+
+    @property
+    def phase(self) -> HandshakePhase:
+        return self._phases.phase
 
     def refuse(self, reply: Reply, message: str) -> None:
         """Error every further option with ``reply`` (a full server, or one shutting down).
@@ -114,19 +121,20 @@ class Handshake:
         "NBD_OPT_STARTTLS": the server MUST NOT preserve any negotiation state
         issued before this command.
         """
+        self._phases.fire(HandshakeTrigger.TLS_ESTABLISHED)
         self._tls_active = True
         self._reset_negotiation()
         self._in.clear()
-        self._state = "options"
 
     def next_event(self) -> Event:
         while True:
             event: Event | None
-            if self._state == "client_flags":
+            phase = self._phases.phase
+            if phase is HandshakePhase.AWAITING_CLIENT_FLAGS:
                 event = self._read_client_flags()
-            elif self._state == "options":
+            elif phase is HandshakePhase.HAGGLING:
                 event = self._read_option()
-            elif self._state == "tls":
+            elif phase is HandshakePhase.TLS_PENDING:
                 return NeedData()
             else:
                 return Close("handshake already finished")
@@ -180,12 +188,14 @@ class Handshake:
             # "The server MUST operate in NOTLS mode unless ... the client
             # replied with NBD_FLAG_C_FIXED_NEWSTYLE": TLS cannot happen.
             return self._close("TLS is required but the client is not fixed newstyle")
-        self._state = "options"
+        self._phases.fire(HandshakeTrigger.CLIENT_FLAGS_ACCEPTED)
         return None
 
-    def _close(self, reason: str, clean: bool = False) -> Close:
-        self._state = "closed"
-        return Close(reason, clean)
+    def _close(
+        self, reason: str, trigger: HandshakeTrigger = HandshakeTrigger.HARD_DISCONNECT
+    ) -> Close:
+        self._phases.fire(trigger)
+        return Close(reason, clean=trigger is HandshakeTrigger.ABORT_RECEIVED)
 
     def _read_option(self) -> Event | None:
         header = wire.OPTION_HEADER
@@ -221,7 +231,7 @@ class Handshake:
         if option == Option.ABORT:
             # "The server MUST reply with NBD_REP_ACK" and the client then closes.
             self._reply(option, Reply.ACK)
-            return self._close("client sent NBD_OPT_ABORT", clean=True)
+            return self._close("client sent NBD_OPT_ABORT", HandshakeTrigger.ABORT_RECEIVED)
         if option == Option.EXPORT_NAME:
             return self._export_name(payload)
         if self._refusal is not None:
@@ -267,8 +277,7 @@ class Handshake:
             flags=negotiated.flags,
             zeroes=not self._no_zeroes,
         )
-        self._finished = True
-        self._state = "done"
+        self._phases.fire(HandshakeTrigger.EXPORT_NAME_ANSWERED)
         return EnterTransmission(negotiated)
 
     def _info_or_go(self, option: Option, payload: bytes) -> Event | None:
@@ -336,8 +345,7 @@ class Handshake:
         self._reply(option, Reply.ACK)
         if option == Option.INFO:
             return None
-        self._finished = True
-        self._state = "done"
+        self._phases.fire(HandshakeTrigger.GO_ACKNOWLEDGED)
         return EnterTransmission(negotiated)
 
     def _list(self, option: Option, payload: bytes) -> Event | None:
@@ -369,7 +377,7 @@ class Handshake:
             return None
         self._reply(option, Reply.ACK)
         self._in.clear()  # nothing sent in clear after STARTTLS is acted on
-        self._state = "tls"
+        self._phases.fire(HandshakeTrigger.STARTTLS_ACKNOWLEDGED)
         return StartTLS()
 
     def _structured_reply(self, option: Option, payload: bytes) -> Event | None:

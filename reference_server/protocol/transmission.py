@@ -1,68 +1,50 @@
-"""The transmission phase: parse requests, validate them, run them, build replies.
+"""The transmission phase: parse requests, validate them, frame replies.
 
-Spec: "Protocol phases / Transmission" (request, simple reply, structured reply
-chunk messages; ordering; terminating), "Size constraints", "Metadata
-querying", "Values / Transmission phase" (command flags, reply types, request
-types, error values), and for 32-byte headers the EXTENDED_HEADERS extension.
+Spec: "Protocol phases / Transmission" (request message; ordering;
+terminating), "Size constraints", "Metadata querying", "Values / Transmission
+phase" (command flags, request types, error values), and for 32-byte headers
+the EXTENDED_HEADERS extension.
 
-:class:`Transmission` is sans-IO: the transport feeds bytes and receives
-:class:`~.events.Command` events that are already validated; invalid requests
-are answered here with the error the spec names and never reach a backend.
-:meth:`Transmission.execute` then runs one command against a backend and
-returns the reply's buffers; it is safe to call from worker threads.
+:class:`Transmission` is sans-IO and never calls storage: the transport feeds
+bytes and receives :class:`~.events.Request` events that are already
+validated; invalid requests are answered here with the error the spec names
+and never reach storage.  Running a request is the dispatch layer's job
+(``reference_server/dispatch.py``), which frames the result with
+:attr:`Transmission.replies` (a :class:`~.reply_builder.ReplyBuilder`).
+What the parser expects next is a :class:`~.phases.TransmissionPhase`,
+changed only through ``TRANSMISSION_TRANSITIONS``.
 """
 
 from __future__ import annotations
 
-import errno as os_errno
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import wire
 from .constants import (
     DEFAULT_MAX_PAYLOAD,
     EXTENDED_REQUEST_MAGIC,
     FLAGS_VALID_FOR,
-    MAX_EXTENTS_PER_CHUNK,
-    MAX_STRING_LENGTH,
     REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    ChunkType,
     Command,
     CommandFlag,
     Errno,
-    ReplyFlag,
-    StateFlag,
     TransmissionFlag,
 )
-from .events import Close, NeedData
-from .events import Command as CommandEvent
+from .events import Close, NeedData, Request
 from .export import Negotiated
-from .wire import Request
+from .phases import (
+    TRANSMISSION_TRANSITIONS,
+    PhaseMachine,
+    TransmissionPhase,
+    TransmissionTrigger,
+)
+from .reply_builder import Buffer, ReplyBuilder, nbd_error
+from .wire import RequestHeader
 
-if TYPE_CHECKING:
-    from ..backends.base import Backend
+__all__ = ["Buffer", "RequestRejected", "Transmission", "nbd_error"]
 
-Buffer = bytes | bytearray | memoryview
 Tracer = Callable[[str, str, Mapping[str, object]], None]
-
-# errno from a backend -> NBD error ("Error values": map EDQUOT and EFBIG to
-# ENOSPC; anything without an NBD meaning becomes EIO).
-_ERRNO_TO_NBD = {
-    os_errno.EPERM: Errno.EPERM,
-    os_errno.EACCES: Errno.EPERM,
-    os_errno.EROFS: Errno.EPERM,
-    os_errno.EIO: Errno.EIO,
-    os_errno.ENOMEM: Errno.ENOMEM,
-    os_errno.EINVAL: Errno.EINVAL,
-    os_errno.ENOSPC: Errno.ENOSPC,
-    os_errno.EDQUOT: Errno.ENOSPC,
-    os_errno.EFBIG: Errno.ENOSPC,
-    os_errno.EOVERFLOW: Errno.EOVERFLOW,
-    os_errno.ENOTSUP: Errno.ENOTSUP,
-    os_errno.ESHUTDOWN: Errno.ESHUTDOWN,
-}
 
 # Commands whose range must lie inside the export, and the error when it does
 # not ("Error values": ENOSPC for writes, EINVAL for reads and trims).
@@ -75,26 +57,17 @@ _RANGE_ERROR = {
     Command.BLOCK_STATUS: Errno.EINVAL,
 }
 _WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
-# Command flag bits as plain ints: Request.flags is an int on the hot path.
-_FUA = CommandFlag.FUA.value
-_NO_HOLE = CommandFlag.NO_HOLE.value
-_DF = CommandFlag.DF.value
-_REQ_ONE = CommandFlag.REQ_ONE.value
-_FAST_ZERO = CommandFlag.FAST_ZERO.value
+# Command flag bits as plain ints: RequestHeader.flags is an int on the hot path.
 _PAYLOAD_LEN = CommandFlag.PAYLOAD_LEN.value
-_DONE = ReplyFlag.DONE
-_ZERO = StateFlag.ZERO.value
-_NOT_DONE = ReplyFlag(0)
-
-
-def nbd_error(exc: OSError) -> Errno:
-    """The NBD error value for an OSError raised by a backend."""
-    return _ERRNO_TO_NBD.get(exc.errno or 0, Errno.EIO)
+_AWAITING_REQUEST = TransmissionPhase.AWAITING_REQUEST
+_RECEIVING_PAYLOAD = TransmissionPhase.RECEIVING_PAYLOAD
+_DISCARDING_PAYLOAD = TransmissionPhase.DISCARDING_PAYLOAD
+_CLOSED = TransmissionPhase.CLOSED
 
 
 @dataclass(frozen=True, slots=True)
 class RequestRejected:
-    """Why a request was answered with an error before reaching a backend."""
+    """Why a request was answered with an error before reaching storage."""
 
     error: Errno
     message: str
@@ -121,35 +94,45 @@ class Transmission:
         self._max_payload = negotiated.export.block_sizes.maximum
         self._minimum = negotiated.export.block_sizes.minimum
         self._trace = trace
+        #: Frames this connection's replies; the dispatch layer uses it too.
+        self.replies = ReplyBuilder(negotiated, trace=trace)
         self._in = bytearray()
         self._out: list[Buffer] = []
         self._header = wire.EXTENDED_REQUEST if self._extended else wire.REQUEST
         self._unpack = wire.unpack_extended_request if self._extended else wire.unpack_request
         self._expected_magic = EXTENDED_REQUEST_MAGIC if self._extended else REQUEST_MAGIC
-        self._closed = False
-        # The write payload being received.  Its buffer is allocated at its
-        # exact size only when its first bytes are received (see
-        # payload_buffer), so a transport can hold back a large payload
-        # until it has memory for it.
-        self._payload_request: Request | None = None
+        # The phase changes only through TRANSMISSION_TRANSITIONS (phases.py).
+        self._phases = PhaseMachine(TRANSMISSION_TRANSITIONS)
+        # RECEIVING_PAYLOAD: the write whose payload is being received.  Its
+        # buffer is allocated at its exact size only when its first bytes are
+        # received (see payload_buffer), so a transport can hold back a large
+        # payload until it has memory for it.
+        self._payload_header: RequestHeader | None = None
         self._payload_length = 0
         self._payload: bytearray | None = None
         self._filled = 0
-        # Bytes of a rejected request's payload still to be skipped.
+        # DISCARDING_PAYLOAD: bytes of a rejected request's payload still to skip.
         self._discard = 0
 
     # ------------------------------------------------------------ public API
 
+    @property
+    def phase(self) -> TransmissionPhase:
+        return self._phases.phase
+
     def receive_data(self, data: Buffer) -> None:
         """Queue bytes read from the client."""
-        if self._closed:
+        phase = self._phases.phase
+        if phase is _CLOSED:
             return
         view = memoryview(data).cast("B")
-        if self._discard:
+        if phase is _DISCARDING_PAYLOAD:
             n = min(self._discard, len(view))
             self._discard -= n
             view = view[n:]
-        if view and self._payload_request is not None:
+            if not self._discard:
+                self._phases.fire(TransmissionTrigger.PAYLOAD_DISCARDED)
+        elif view and phase is _RECEIVING_PAYLOAD:
             target = self._payload_target()
             n = min(len(target), len(view))
             target[:n] = view[:n]
@@ -165,7 +148,7 @@ class Transmission:
         copy) instead of through :meth:`receive_data`.  The first call
         allocates the buffer.
         """
-        if self._payload_request is None or self._filled == self._payload_length:
+        if self._phases.phase is not _RECEIVING_PAYLOAD or self._filled == self._payload_length:
             return None
         return self._payload_target()
 
@@ -176,7 +159,7 @@ class Transmission:
     @property
     def pending_payload(self) -> int:
         """Size of the write payload being received (0 when none)."""
-        return self._payload_length if self._payload_request is not None else 0
+        return self._payload_length if self._phases.phase is _RECEIVING_PAYLOAD else 0
 
     def _payload_target(self) -> memoryview:
         if self._payload is None:
@@ -193,18 +176,19 @@ class Transmission:
         out, self._out = self._out, []
         return out
 
-    def next_event(self) -> CommandEvent | Close | NeedData:
-        while not self._closed:
-            if self._discard:
-                return NeedData()
-            if self._payload_request is not None:
+    def next_event(self) -> Request | Close | NeedData:
+        while True:
+            phase = self._phases.phase
+            if phase is _RECEIVING_PAYLOAD:
                 return self._payload_event()
+            if phase is not _AWAITING_REQUEST:  # discarding a payload, or closed
+                return NeedData()
             size = self._header.size
             if len(self._in) < size:
                 return NeedData()
             (magic,) = wire.REQUEST_MAGIC_FIELD.unpack_from(self._in)
             if magic != self._expected_magic:
-                self._closed = True
+                self._phases.fire(TransmissionTrigger.BAD_MAGIC)
                 return Close(f"bad request magic {magic:#x} (expected {self._expected_magic:#x})")
             request = self._unpack(self._in)
             del self._in[:size]
@@ -215,50 +199,60 @@ class Transmission:
             if payload_length > limit:
                 # "Size constraints": a payload this large may be deemed a
                 # denial of service; it is never read (CVE-2005-3534).
-                self._closed = True
+                self._phases.fire(TransmissionTrigger.PAYLOAD_TOO_LARGE)
                 return Close(f"request payload of {payload_length} bytes exceeds {limit}")
             if request.command == Command.DISC:
                 # "The server MUST handle all outstanding requests ... and close".
-                self._closed = True
+                self._phases.fire(TransmissionTrigger.DISC_RECEIVED)
                 return Close("client sent NBD_CMD_DISC", clean=True)
             rejected = self.validate(request, payload_length)
             if rejected is not None:
                 # Answer now; a payload that came with it is read and dropped.
-                self._out += self.error_reply(request, rejected.error, rejected.message)
+                self._out += self.replies.error(request, rejected.error, rejected.message)
                 self._skip(payload_length)
                 continue
             if not payload_length:
-                return CommandEvent(request, b"")
-            self._payload_request = request
+                return Request(request, b"")
+            if len(self._in) >= payload_length:
+                # All of it arrived with the header: no separate buffer needed.
+                payload = bytes(self._in[:payload_length])
+                del self._in[:payload_length]
+                return Request(request, payload)
+            self._phases.fire(TransmissionTrigger.PAYLOAD_EXPECTED)
+            self._payload_header = request
             self._payload_length = payload_length
             self._filled = 0
             return self._payload_event()
-        return NeedData()
 
-    def _payload_event(self) -> CommandEvent | NeedData:
+    def _payload_event(self) -> Request | NeedData:
         """The pending write, once all of its payload is here."""
-        assert self._payload_request is not None
+        assert self._payload_header is not None
         length = self._payload_length
+        payload: Buffer
         if self._payload is None:
             if len(self._in) < length:
                 return NeedData()
-            # All of it arrived with the header: no separate buffer needed.
-            payload: Buffer = bytes(self._in[:length])
+            # The rest came through receive_data before a buffer was asked for.
+            payload = bytes(self._in[:length])
             del self._in[:length]
         elif self._filled < length:
             return NeedData()
         else:
             payload = self._payload
-        event = CommandEvent(self._payload_request, payload)
-        self._payload_request, self._payload = None, None
+        self._phases.fire(TransmissionTrigger.PAYLOAD_RECEIVED)
+        event = Request(self._payload_header, payload)
+        self._payload_header, self._payload = None, None
         return event
 
     def _skip(self, nbytes: int) -> None:
+        """Drop a rejected request's payload: what is here now, the rest as it comes."""
         n = min(nbytes, len(self._in))
         del self._in[:n]
         self._discard = nbytes - n
+        if self._discard:
+            self._phases.fire(TransmissionTrigger.REJECTED_WITH_PAYLOAD)
 
-    def validate(self, request: Request, payload_length: int) -> RequestRejected | None:
+    def validate(self, request: RequestHeader, payload_length: int) -> RequestRejected | None:
         """The error the spec names for a bad request, or None if it may run."""
         command, flags = request.command, request.flags
         allowed = self._allowed.get(command)
@@ -314,181 +308,9 @@ class Transmission:
             )
         return None
 
-    def execute(self, event: CommandEvent, backend: Backend) -> list[Buffer]:
-        """Run one validated command; return the buffers of its whole reply."""
-        request = event.request
-        fua = bool(request.flags & _FUA)
-        command = request.command
-        try:
-            if command == Command.READ:
-                return self._read(request, backend)
-            if command == Command.BLOCK_STATUS:
-                return self._block_status(request, backend)
-            if command == Command.WRITE:
-                backend.pwrite(event.payload, request.offset, fua)
-            elif command == Command.FLUSH:
-                backend.flush()
-            elif command == Command.TRIM:
-                if request.length:
-                    backend.trim(request.length, request.offset, fua)
-            elif command == Command.WRITE_ZEROES:
-                if request.length:
-                    backend.zero(
-                        request.length,
-                        request.offset,
-                        may_trim=not request.flags & _NO_HOLE,
-                        fast=bool(request.flags & _FAST_ZERO),
-                        fua=fua,
-                    )
-            elif command == Command.CACHE and request.length:
-                backend.cache(request.length, request.offset)
-        except OSError as exc:
-            return self.error_reply(request, nbd_error(exc), exc.strerror or str(exc))
-        return self.ok_reply(request)
-
-    # --------------------------------------------------------------- replies
-
-    def ok_reply(self, request: Request) -> list[Buffer]:
-        """Success with no payload: simple reply, or NBD_REPLY_TYPE_NONE when extended."""
-        if self._extended:
-            if self._trace:
-                self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
-            return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
-        if self._trace:
-            self._trace_reply(request, "simple reply", error=Errno.OK)
-        return [wire.pack_simple_reply(0, request.cookie)]
-
-    def error_reply(self, request: Request, error: Errno, message: str) -> list[Buffer]:
-        """An error: a structured error chunk when negotiated, else a simple reply.
-
-        Reads MUST get a structured reply once negotiated, even for early
-        errors; other commands may use either, and the spec prefers the chunk
-        because it carries a message.
-        """
-        if self._structured:
-            text = message.encode("utf-8", "replace")[:MAX_STRING_LENGTH]
-            payload = wire.pack_error_payload(error, text)
-            if self._trace:
-                self._trace_reply(
-                    request,
-                    "chunk",
-                    type=ChunkType.ERROR,
-                    flags=ReplyFlag.DONE,
-                    error=error,
-                    message=message,
-                )
-            return [
-                wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.ERROR, len(payload)),
-                payload,
-            ]
-        if self._trace:
-            self._trace_reply(request, "simple reply", error=error, message=message)
-        return [wire.pack_simple_reply(error, request.cookie)]
-
-    def _read(self, request: Request, backend: Backend) -> list[Buffer]:
-        """A read reply, each data part built in one buffer the backend reads into."""
-        length, offset = request.length, request.offset
-        if not self._structured:
-            reply = bytearray(wire.SIMPLE_REPLY.size + length)
-            wire.SIMPLE_REPLY.pack_into(reply, 0, SIMPLE_REPLY_MAGIC, 0, request.cookie)
-            if length:
-                backend.pread_into(memoryview(reply)[wire.SIMPLE_REPLY.size :], offset)
-            if self._trace:
-                self._trace_reply(request, "simple reply", error=Errno.OK, length=length)
-            return [reply]
-        if length == 0:
-            if self._trace:
-                self._trace_reply(request, "chunk", type=ChunkType.NONE, flags=ReplyFlag.DONE)
-            return [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)]
-        if request.flags & _DF:
-            # DF: at most one content chunk, zeroes written out explicitly.
-            return [self._data_chunk(request, _DONE, offset, length, backend)]
-        # Runs of data and of zeroes: zeroes become OFFSET_HOLE chunks.
-        runs: list[tuple[int, int, bool]] = []
-        pos, end = offset, offset + length
-        extents = [(e.length, bool(e.flags & _ZERO)) for e in backend.read_extents(length, offset)]
-        for extent_length, zero in [*extents, (end, False)]:  # a data tail if short
-            if pos >= end:
-                break
-            n = min(extent_length, end - pos)
-            if runs and runs[-1][2] == zero:
-                runs[-1] = (runs[-1][0], runs[-1][1] + n, zero)
-            else:
-                runs.append((pos, n, zero))
-            pos += n
-        out: list[Buffer] = []
-        last = len(runs) - 1
-        for i, (start, n, zero) in enumerate(runs):
-            flags = _DONE if i == last else _NOT_DONE
-            if not zero:
-                out.append(self._data_chunk(request, flags, start, n, backend))
-                continue
-            header = wire.pack_chunk_header(request, flags, ChunkType.OFFSET_HOLE, 12)
-            out.append(header + wire.OFFSET_HOLE.pack(start, n))
-            if self._trace:
-                self._trace_reply(
-                    request,
-                    "chunk",
-                    type=ChunkType.OFFSET_HOLE,
-                    flags=flags,
-                    offset=start,
-                    length=n,
-                )
-        return out
-
-    def _data_chunk(
-        self, request: Request, flags: ReplyFlag, offset: int, length: int, backend: Backend
-    ) -> bytearray:
-        """One NBD_REPLY_TYPE_OFFSET_DATA chunk: header, offset and data in one buffer."""
-        header = wire.pack_chunk_header(request, flags, ChunkType.OFFSET_DATA, 8 + length)
-        start = len(header) + wire.OFFSET_DATA_PREFIX.size
-        chunk = bytearray(start + length)
-        chunk[: len(header)] = header
-        wire.OFFSET_DATA_PREFIX.pack_into(chunk, len(header), offset)
-        backend.pread_into(memoryview(chunk)[start:], offset)
-        if self._trace:
-            self._trace_reply(
-                request,
-                "chunk",
-                type=ChunkType.OFFSET_DATA,
-                flags=flags,
-                offset=offset,
-                length=length,
-            )
-        return chunk
-
-    def _block_status(self, request: Request, backend: Backend) -> list[Buffer]:
-        extents = backend.extents(request.length, request.offset)
-        if not extents:
-            return self.error_reply(request, Errno.EIO, "no extents")
-        # Compact descriptors have 32-bit lengths; extended ones 64-bit.
-        cap = (1 << 64) - 1 if self._extended else 0xFFFFFFFF
-        if request.flags & _REQ_ONE:
-            first = extents[0]
-            pairs = [(min(first.length, request.length, cap), int(first.flags))]
-        else:
-            pairs = [(min(e.length, cap), int(e.flags)) for e in extents[:MAX_EXTENTS_PER_CHUNK]]
-        out: list[Buffer] = []
-        ids = sorted(self.negotiated.meta_contexts)
-        chunk_type = ChunkType.BLOCK_STATUS_EXT if self._extended else ChunkType.BLOCK_STATUS
-        for i, context_id in enumerate(ids):
-            flags = _DONE if i == len(ids) - 1 else _NOT_DONE
-            payload = wire.pack_block_status_payload(context_id, pairs, self._extended)
-            out += [wire.pack_chunk_header(request, flags, chunk_type, len(payload)), payload]
-            if self._trace:
-                self._trace_reply(
-                    request,
-                    "chunk",
-                    type=chunk_type,
-                    flags=flags,
-                    context_id=context_id,
-                    extents=pairs[:8],
-                )
-        return out
-
     # -------------------------------------------------------------- helpers
 
-    def _payload_size(self, request: Request) -> int:
+    def _payload_size(self, request: RequestHeader) -> int:
         if self._extended:
             return request.length if request.flags & _PAYLOAD_LEN else 0
         return request.length if request.command == Command.WRITE else 0
@@ -506,7 +328,7 @@ class Transmission:
             allowed &= ~CommandFlag.PAYLOAD_LEN
         return allowed
 
-    def _traced_request(self, request: Request) -> None:
+    def _traced_request(self, request: RequestHeader) -> None:
         if self._trace:
             self._trace(
                 "C",
@@ -519,7 +341,3 @@ class Transmission:
                     "length": request.length,
                 },
             )
-
-    def _trace_reply(self, request: Request, kind: str, **fields: object) -> None:
-        if self._trace:
-            self._trace("S", kind, {"cookie": request.cookie, **fields})

@@ -168,8 +168,8 @@ def unpack_meta_context_request(payload: bytes, max_queries: int) -> MetaContext
 
 
 @dataclass(frozen=True, slots=True)
-class Request:
-    """One transmission request ("Request message"), compact or extended."""
+class RequestHeader:
+    """The header of one transmission request ("Request message"), compact or extended."""
 
     flags: int  # CommandFlag bits, kept as a plain int: IntFlag arithmetic is slow
     command: Command
@@ -187,14 +187,14 @@ def _command(number: int) -> Command:
     return _COMMANDS.get(number) or Command(number)
 
 
-def unpack_request(header: bytes | bytearray | memoryview) -> Request:
+def unpack_request(header: bytes | bytearray | memoryview) -> RequestHeader:
     _, flags, command, cookie, offset, length = REQUEST.unpack_from(header)
-    return Request(flags, _command(command), cookie, offset, length)
+    return RequestHeader(flags, _command(command), cookie, offset, length)
 
 
-def unpack_extended_request(header: bytes | bytearray | memoryview) -> Request:
+def unpack_extended_request(header: bytes | bytearray | memoryview) -> RequestHeader:
     _, flags, command, cookie, offset, length = EXTENDED_REQUEST.unpack_from(header)
-    return Request(flags, _command(command), cookie, offset, length, True)
+    return RequestHeader(flags, _command(command), cookie, offset, length, True)
 
 
 def pack_simple_reply(error: int, cookie: int) -> bytes:
@@ -202,7 +202,7 @@ def pack_simple_reply(error: int, cookie: int) -> bytes:
 
 
 def pack_chunk_header(
-    request: Request, flags: ReplyFlag, chunk: ChunkType, payload_length: int
+    request: RequestHeader, flags: ReplyFlag, chunk: ChunkType, payload_length: int
 ) -> bytes:
     """The header of one structured (or, with extended headers, extended) reply chunk."""
     if request.extended:
@@ -241,5 +241,5 @@ __all__ = [
     "MalformedPayload",
     "MetaContextRequest",
     "Option",
-    "Request",
+    "RequestHeader",
 ]

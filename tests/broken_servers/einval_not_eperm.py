@@ -20,10 +20,10 @@ def main() -> int:
     from reference_server import cli, connection
     from reference_server.protocol.constants import Errno
     from reference_server.protocol.transmission import RequestRejected, Transmission
-    from reference_server.protocol.wire import Request
+    from reference_server.protocol.wire import RequestHeader
 
     class EinvalTransmission(Transmission):
-        def validate(self, request: Request, payload_length: int) -> RequestRejected | None:
+        def validate(self, request: RequestHeader, payload_length: int) -> RequestRejected | None:
             rejected = super().validate(request, payload_length)
             if rejected is not None and rejected.error == Errno.EPERM:
                 return RequestRejected(Errno.EINVAL, rejected.message)

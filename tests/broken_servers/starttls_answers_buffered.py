@@ -21,6 +21,7 @@ def main() -> int:
     from reference_server.protocol.constants import Option, Reply
     from reference_server.protocol.events import Event, NeedData, StartTLS
     from reference_server.protocol.handshake import Handshake
+    from reference_server.protocol.phases import HandshakeTrigger
 
     class InjectableHandshake(Handshake):
         upgrading = False
@@ -37,7 +38,7 @@ def main() -> int:
             event = super().next_event()
             if self.upgrading and isinstance(event, NeedData):
                 self.upgrading = self._tls_active = False
-                self._state = "tls"
+                self._phases.fire(HandshakeTrigger.STARTTLS_ACKNOWLEDGED)
                 return StartTLS()
             return event
 

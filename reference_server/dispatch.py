@@ -1,0 +1,73 @@
+"""Run one validated request against a backend and frame its reply.
+
+The protocol core (``protocol/``) validates requests and frames replies but
+never touches storage; backends know storage but never build replies
+(nbdkit's split).  This is the thin layer between them: it calls the backend
+the request names, maps an OSError to the NBD error ("Values / Transmission
+phase / Error values"), and asks the core's
+:class:`~.protocol.reply_builder.ReplyBuilder` for the bytes.  Reads keep one
+copy: the builder allocates the reply and the backend reads into it.
+
+:func:`execute` is safe to call from worker threads: it shares nothing but
+the backend (which serves every connection anyway) and the builder (which is
+immutable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .backends.base import Backend
+from .protocol.constants import Command, CommandFlag
+from .protocol.events import Request
+from .protocol.reply_builder import Buffer, ExtentLike, ReplyBuilder, nbd_error
+from .protocol.wire import RequestHeader
+
+# Command flag bits as plain ints: RequestHeader.flags is an int on the hot path.
+_FUA = CommandFlag.FUA.value
+_NO_HOLE = CommandFlag.NO_HOLE.value
+_FAST_ZERO = CommandFlag.FAST_ZERO.value
+
+
+def execute(replies: ReplyBuilder, request: Request, backend: Backend) -> list[Buffer]:
+    """Run one validated request; return the buffers of its whole reply."""
+    header = request.header
+    command = header.command
+    try:
+        if command == Command.READ:
+            return _read(replies, header, backend)
+        if command == Command.BLOCK_STATUS:
+            return replies.block_status(header, backend.extents(header.length, header.offset))
+        fua = bool(header.flags & _FUA)
+        if command == Command.WRITE:
+            backend.pwrite(request.payload, header.offset, fua)
+        elif command == Command.FLUSH:
+            backend.flush()
+        elif command == Command.TRIM:
+            if header.length:
+                backend.trim(header.length, header.offset, fua)
+        elif command == Command.WRITE_ZEROES:
+            if header.length:
+                backend.zero(
+                    header.length,
+                    header.offset,
+                    may_trim=not header.flags & _NO_HOLE,
+                    fast=bool(header.flags & _FAST_ZERO),
+                    fua=fua,
+                )
+        elif command == Command.CACHE and header.length:
+            backend.cache(header.length, header.offset)
+    except OSError as exc:
+        return replies.error(header, nbd_error(exc), exc.strerror or str(exc))
+    return replies.ok(header)
+
+
+def _read(replies: ReplyBuilder, header: RequestHeader, backend: Backend) -> list[Buffer]:
+    """A read: the builder plans the reply, the backend fills its data regions."""
+    extents: Sequence[ExtentLike] = ()
+    if replies.read_wants_extents(header):
+        extents = backend.read_extents(header.length, header.offset)
+    plan = replies.read(header, extents)
+    for region, offset in plan.fills:
+        backend.pread_into(region, offset)
+    return replies.read_filled(header, plan)
