@@ -2,107 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-from html.parser import HTMLParser
-
 import pytest
 
-from conformance.matrix import merge, render
-
-VOID = {"meta", "br", "input", "link", "img", "hr"}
-
-
-@dataclasses.dataclass
-class Node:
-    tag: str
-    attrs: dict[str, str]
-    children: list[Node | str] = dataclasses.field(default_factory=list)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.attrs.get("class", "").split()
-
-    def text(self) -> str:
-        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
-
-    def find_all(self, tag: str, cls: str | None = None) -> list[Node]:
-        found = []
-        for child in self.children:
-            if isinstance(child, Node):
-                if child.tag == tag and (cls is None or cls in child.classes):
-                    found.append(child)
-                found += child.find_all(tag, cls)
-        return found
-
-
-class Builder(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.root = Node("#document", {})
-        self.stack = [self.root]
-
-    def handle_starttag(self, tag, attrs):
-        node = Node(tag, {k: v or "" for k, v in attrs})
-        self.stack[-1].children.append(node)
-        if tag not in VOID:
-            self.stack.append(node)
-
-    def handle_endtag(self, tag):
-        assert self.stack[-1].tag == tag, f"</{tag}> closes <{self.stack[-1].tag}>"
-        self.stack.pop()
-
-    def handle_data(self, data):
-        self.stack[-1].children.append(data)
-
-
-def parse(page: str) -> Node:
-    builder = Builder()
-    builder.feed(page)
-    builder.close()
-    assert builder.stack == [builder.root], "unclosed elements"
-    return builder.root
-
-
-A = "conformance/test_options.py::test_abort_gets_ack"
-B = "conformance/test_read.py::test_read_returns_what_was_written[one-byte]"
-C = "conformance/test_tls.py::test_starttls_gets_ack_then_tls"
-
-
-def check(nodeid, outcome, message="", section="Values / Option types", **extra):
-    return {
-        "id": nodeid.rsplit("::", 1)[-1],
-        "nodeid": nodeid,
-        "section": section,
-        "level": "MUST",
-        "quote": "The server MUST reply with `NBD_REP_ACK`.",
-        "outcome": outcome,
-        "message": message,
-        **extra,
-    }
+from conformance.matrix import render
+from tests.matrix_dom import parse
+from tests.matrix_samples import A, B, C, sample_matrix
 
 
 @pytest.fixture
 def matrix():
-    reference = {
-        "profile": "reference",
-        "target": "--nbd-server=reference",
-        "version": "nbd-reference-server 0.1.0",
-        "checks": [
-            check(A, "passed"),
-            check(B, "passed"),
-            check(C, "passed", section="TLS support"),
-        ],
-    }
-    other = {
-        "profile": "nbd-server",
-        "target": "--nbd-server=nbd-server",
-        "checks": [
-            check(A, "failed", "closed without <NBD_REP_ACK>", evidence=["C: OPT_ABORT", "S: EOF"]),
-            check(B, "passed"),
-            check(C, "brand-new-verdict", section="TLS support"),
-        ],
-    }
-    return merge.merge([("reference", reference), ("nbd-server", other)])
+    return sample_matrix()
 
 
 @pytest.fixture
