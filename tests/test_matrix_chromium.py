@@ -115,18 +115,18 @@ def pixels(png: bytes) -> set[tuple[int, int, int]]:
     colours: set[tuple[int, int, int]] = set()
     for y in range(height):
         line = raw[y * (stride + 1) : (y + 1) * (stride + 1)]
-        kind, row = line[0], bytearray(line[1:])
+        method, row = line[0], bytearray(line[1:])
         for i in range(stride):
             a = row[i - channels] if i >= channels else 0
             b = previous[i]
             c = previous[i - channels] if i >= channels else 0
-            if kind == 1:
+            if method == 1:
                 row[i] = (row[i] + a) & 0xFF
-            elif kind == 2:
+            elif method == 2:
                 row[i] = (row[i] + b) & 0xFF
-            elif kind == 3:
+            elif method == 3:
                 row[i] = (row[i] + (a + b) // 2) & 0xFF
-            elif kind == 4:
+            elif method == 4:
                 p = a + b - c
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
                 row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
