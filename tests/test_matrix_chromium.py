@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance.matrix import render
+from conformance.matrix import render, screenshot
 from tests.matrix_dom import Node, parse
 from tests.matrix_samples import A, B, C, sample_matrix
 
@@ -141,7 +141,7 @@ def rgb(colour: str) -> tuple[int, int, int]:
 
 def test_the_grid_is_painted_in_the_verdicts_colours(page):
     shot = page.parent / "shot.png"
-    chromium(page, "", f"--screenshot={shot}", "--window-size=1000,700", "--hide-scrollbars")
+    screenshot.take(page, shot, fragment="", size="1000,700")
     colours = pixels(shot.read_bytes())
     look = {outcome: colour for outcome, _, _, colour in render.VERDICTS}
     assert rgb(look["passed"]) in colours

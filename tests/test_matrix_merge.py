@@ -171,3 +171,10 @@ def test_a_file_that_is_not_a_report_is_refused(tmp_path):
     path.write_text("{")
     with pytest.raises(merge.NotAReport):
         merge.load_report(path)
+
+
+def test_a_strict_run_is_rerun_strict():
+    matrix = merge.merge([("r", report("nbdkit", {A: "failed"}, strict=True))])
+    assert cells(matrix, A)["nbdkit"]["rerun"] == (
+        "nbd-conformance --nbd-server=nbdkit --nbd-strict -k test_abort_gets_ack"
+    )

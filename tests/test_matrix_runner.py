@@ -88,3 +88,16 @@ def test_matrix_command_refuses_what_is_not_a_report(tmp_path, capsys):
     bogus.write_text("[]")
     assert conformance_main(["matrix", str(bogus), "--out-dir", str(tmp_path)]) == 2
     assert "not a conformance report" in capsys.readouterr().err
+
+
+def test_a_glob_of_reports_skips_the_matrix_written_beside_them(tmp_path, capsys):
+    reference = json.dumps({"profile": "reference", "checks": []})
+    (tmp_path / "reference.json").write_text(reference)
+    assert (
+        conformance_main(["matrix", str(tmp_path / "reference.json"), "--out-dir", str(tmp_path)])
+        == 0
+    )
+    again = sorted(str(p) for p in tmp_path.glob("*.json"))
+    assert len(again) == 2
+    assert conformance_main(["matrix", *again, "--out-dir", str(tmp_path)]) == 0
+    assert "built from 1 reports" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from conformance.matrix import merge, render, runner
+from conformance.matrix import merge, render, runner, screenshot
 
 DESCRIPTION = """\
 Run the conformance suite against several NBD servers (or take reports
@@ -85,6 +85,19 @@ def parser() -> argparse.ArgumentParser:
         help="pytest-xdist workers per run (default: auto)",
     )
     p.add_argument("--title", default="NBD conformance matrix", help="the page's title")
+    p.add_argument(
+        "--screenshot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="also paint the page with headless chromium into FILE.png",
+    )
+    p.add_argument(
+        "--screenshot-view",
+        default="failures",
+        metavar="FRAGMENT",
+        help="the view to paint, as the page's URL fragment (default: failures)",
+    )
     return p
 
 
@@ -94,7 +107,7 @@ def build(
     """Merge the reports and write the page and the JSON; (page bytes, seconds)."""
     started = time.monotonic()
     loaded = [(path.stem, merge.load_report(path)) for path in report_paths]
-    reports = [loaded[i] for i in merge.column_order(loaded, list(runner.PROFILES))]
+    reports = [loaded[i] for i in merge.column_order(loaded, list(merge.BUILT_IN))]
     matrix = merge.merge(reports, sources={})
     page = render.render(matrix, title=title).encode()
     html_path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +125,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     html_path = args.html or args.out_dir / "matrix.html"
     json_path = args.json or args.out_dir / "matrix.json"
-    paths = [p for p in args.reports if p.resolve() != json_path.resolve()]
+    paths = [p for p in args.reports if not merge.is_matrix(p)]
     todo = runner.targets(args.nbd_server, args.server_cmd, args.uri)
     if not todo and not paths:
         todo = runner.targets(runner.installed_profiles(), [], [])
@@ -129,4 +142,11 @@ def main(argv: list[str]) -> int:
         f"matrix: {html_path} ({size} bytes, built from {len(paths)} reports in "
         f"{seconds:.2f} s; {time.monotonic() - started:.0f} s in all), {json_path}"
     )
+    if args.screenshot:
+        try:
+            screenshot.take(html_path, args.screenshot, args.screenshot_view)
+        except screenshot.NoChromium as err:
+            print(f"nbd-conformance matrix: no screenshot: {err}", file=sys.stderr)
+            return 3
+        print(f"matrix: {args.screenshot} painted by chromium (#{args.screenshot_view})")
     return 0

@@ -27,6 +27,9 @@ FORMAT = "nbd-conformance-matrix/1"
 #: The verdict of a check absent from one server's report (another suite version, a crashed run).
 ABSENT = "absent"
 
+#: The built-in profiles, in the order their columns appear (conformance/servers/__init__.py).
+BUILT_IN = ("reference", "qemu-nbd", "nbdkit", "nbd-server")
+
 #: Report keys that may carry the server's version (the first present wins).
 VERSION_KEYS = ("version", "server_version")
 
@@ -49,6 +52,19 @@ def load_report(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict) or not isinstance(document.get("checks"), list):
         raise NotAReport(f"{path}: not a conformance report (no 'checks' list)")
     return document
+
+
+def is_matrix(path: Path) -> bool:
+    """Whether PATH holds a merged matrix (this module's output), not a report.
+
+    ``reports/*.json`` matches the matrix written beside the reports too.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(200)
+    except OSError:
+        return False
+    return f'"format": "{FORMAT}"'.encode() in head
 
 
 def server_keys(reports: Sequence[tuple[str, Mapping[str, Any]]]) -> list[str]:
@@ -160,10 +176,12 @@ def merge(
     servers = []
     for key, (stem, report) in zip(keys, reports, strict=True):
         target = str(report.get("target") or f"--nbd-server={report.get('profile', key)}")
+        # A strict run's warnings were failures: the rerun must be strict too.
+        rerun_target = f"{target} --nbd-strict" if report.get("strict") else target
         outcomes: dict[str, str] = {}
         for row in rows.values():
             cell = row["cells"].setdefault(key, {"outcome": ABSENT, "message": ""})
-            cell["rerun"] = rerun_command(target, row["id"], row["nodeid"], all_ids)
+            cell["rerun"] = rerun_command(rerun_target, row["id"], row["nodeid"], all_ids)
             outcomes[row["nodeid"]] = cell["outcome"]
         version = next((str(report[k]) for k in VERSION_KEYS if report.get(k)), None)
         servers.append(
@@ -176,6 +194,7 @@ def merge(
                 "exitstatus": report.get("exitstatus"),
                 "source": sources.get(key, stem),
                 "error": str(report.get("error") or ""),
+                "duration": report.get("duration"),
                 "counts": _counts(outcomes.values()),
                 "sets": {s.name: interop.score(s, outcomes).to_json() for s in interop.SETS},
             }

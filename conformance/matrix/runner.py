@@ -193,7 +193,7 @@ def run_all(
     all_targets: Sequence[Target],
     out_dir: Path,
     pytest_args: Sequence[str] = (),
-    progress: Callable[[str], None] = print,
+    progress: Callable[[str], None] = lambda line: print(line, flush=True),
 ) -> list[RunResult]:
     """Run every target in turn (each run already uses the cores through ``-n``)."""
     results = []
