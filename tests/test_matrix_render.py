@@ -107,3 +107,26 @@ def test_the_page_is_self_contained(matrix):
 def test_filters_are_hidden_until_the_script_shows_them(dom):
     form = dom.find_all("form")[0]
     assert form.attrs["id"] == "filters" and "hidden" in form.attrs
+
+
+@pytest.mark.parametrize(
+    ("outcome", "css", "failure", "shown"),
+    [
+        ("passed", "o-passed", False, "passed"),
+        ("xfailed", "o-xfailed", True, "known deviation"),
+        ("not-run: writes", "o-not-run", False, "not run (not-run: writes)"),
+        ("server-gone", "o-server-gone", True, "server gone"),
+        ("notrun", "o-other", True, "notrun"),
+    ],
+)
+def test_variants_of_a_verdict_look_like_it(outcome, css, failure, shown):
+    assert render.css_class(outcome) == css
+    assert render.is_failure(outcome) is failure
+    assert render.label(outcome) == shown
+
+
+def test_the_card_says_how_the_server_was_started():
+    matrix = sample_matrix()
+    matrix["servers"][0]["configuration"] = "nbdkit -U SOCK memory SIZE"
+    card = parse(render.render(matrix)).find_all("li", "server")[0]
+    assert "started as nbdkit -U SOCK memory SIZE" in card.text()

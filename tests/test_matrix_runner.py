@@ -20,6 +20,8 @@ def test_targets_are_named_and_never_collide():
     assert targets[0].options == ("--nbd-server=reference",)
     assert targets[1].version_command == ("qemu-nbd", "--version")
     assert targets[3].options == ("--server-cmd", "myserver --other {socket}")
+    assert targets[3].configuration == "myserver --other {socket}"
+    assert runner.profile_configuration("nbdkit").startswith("nbdkit -U SOCK -f --exit-with-parent")
 
 
 def test_versions_are_read_from_what_the_tools_print():
@@ -40,6 +42,7 @@ def test_a_run_writes_its_report_with_the_version(tmp_path):
     assert result.exitstatus == 0
     report = json.loads(result.report_path.read_text())
     assert report["version"].startswith("nbd-reference-server ")
+    assert report["configuration"].startswith("python -m reference_server -k SOCK")
     assert [c["outcome"] for c in report["checks"]] == ["passed"]
     assert (tmp_path / "reference.log").read_text()
 

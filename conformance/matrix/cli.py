@@ -128,7 +128,7 @@ def main(argv: list[str]) -> int:
     paths = [p for p in args.reports if not merge.is_matrix(p)]
     todo = runner.targets(args.nbd_server, args.server_cmd, args.uri)
     if not todo and not paths:
-        todo = runner.targets(runner.installed_profiles(), [], [])
+        todo = runner.targets(runner.installed_profiles(print), [], [])
     started = time.monotonic()
     if todo:
         results = runner.run_all(todo, args.out_dir, ["-n", str(args.numprocesses), *extra])

@@ -39,6 +39,18 @@ NO_SECTION = "(no section)"
 _KEYWORD_SAFE = re.compile(r"[\w:+\-.\[\]/]+")
 
 
+def family(outcome: str, known: Iterable[str]) -> str | None:
+    """The known verdict OUTCOME is, or is a variant of, or None.
+
+    The suite may refine a verdict (``not-run: writes``, ``skipped (tls)``):
+    a variant is the known name followed by anything not part of a name.
+    """
+    for name in sorted(known, key=len, reverse=True):
+        if outcome == name or (outcome.startswith(name) and not outcome[len(name)].isalnum()):
+            return name
+    return None
+
+
 class NotAReport(ValueError):
     """A file that is not a conformance report (no ``checks`` list)."""
 
@@ -190,6 +202,7 @@ def merge(
                 "profile": str(report.get("profile") or "?"),
                 "target": target,
                 "version": version or versions.get(key) or "",
+                "configuration": str(report.get("configuration") or ""),
                 "strict": bool(report.get("strict", False)),
                 "exitstatus": report.get("exitstatus"),
                 "source": sources.get(key, stem),

@@ -17,7 +17,7 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from conformance.matrix.merge import ABSENT, differs
+from conformance.matrix.merge import ABSENT, differs, family
 
 #: Known verdicts, worst first: (outcome, label in the legend, glyph, colour).
 VERDICTS: tuple[tuple[str, str, str, str], ...] = (
@@ -38,7 +38,6 @@ FALLBACK = ("?", "#ff66cc")
 #: Verdicts the "failures only" filter keeps (plus any verdict not known here).
 FAILURES = frozenset({"failed", "error", "server-gone", "xpassed", "warning", "xfailed"})
 _KNOWN = {v[0]: v for v in VERDICTS}
-_NOT_FAILURES = frozenset(_KNOWN) - FAILURES
 
 #: The short tag a row carries for each set its check belongs to.
 SET_TAGS = {"Baseline": "baseline", "Maximum interoperability": "max-interop"}
@@ -49,12 +48,27 @@ def e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _family(outcome: str) -> str | None:
+    return family(outcome, _KNOWN)
+
+
 def is_failure(outcome: str) -> bool:
-    return outcome not in _NOT_FAILURES
+    """Whether the "failures only" filter keeps OUTCOME (a verdict unknown here: yes)."""
+    known = _family(outcome)
+    return known is None or known in FAILURES
 
 
 def css_class(outcome: str) -> str:
-    return f"o-{outcome}" if outcome in _KNOWN else "o-other"
+    known = _family(outcome)
+    return f"o-{known}" if known else "o-other"
+
+
+def label(outcome: str) -> str:
+    """What a person reads for OUTCOME: the legend's words, plus the variant if any."""
+    known = _family(outcome)
+    if known is None:
+        return outcome
+    return _KNOWN[known][1] if known == outcome else f"{_KNOWN[known][1]} ({outcome})"
 
 
 def cell_id(key: str, check_id: str) -> str:
@@ -126,7 +140,7 @@ def _legend(outcomes: set[str]) -> str:
         f'<span class="sw {css_class(o)}">{e(glyph)}</span>{e(label)}'
         for o, label, glyph, _ in VERDICTS
     ]
-    for other in sorted(outcomes - set(_KNOWN)):
+    for other in sorted(o for o in outcomes if _family(o) is None):
         items.append(f'<span class="sw o-other">{e(FALLBACK[0])}</span>{e(other)}')
     return '<p class="legend">Verdicts: ' + " ".join(items) + "</p>"
 
@@ -149,11 +163,13 @@ def _server_card(server: Mapping[str, Any]) -> str:
     version = server.get("version") or "version unknown"
     sets = " ".join(_set_badge(name, score) for name, score in server["sets"].items())
     mode = "SHOULD failures fail" if server.get("strict") else "SHOULD failures are warnings"
+    started = server.get("configuration")
+    started_as = f"started as <code>{e(started)}</code><br>" if started else ""
     error = f'<br><span class="error">{e(server["error"])}</span>' if server.get("error") else ""
     return (
         f'<li class="server" data-server="{e(server["key"])}"><b>{e(server["key"])}</b> '
         f'<span class="version">{e(version)}</span>: <code>{e(server["target"])}</code> '
-        f"({e(mode)}; exit status {e(server.get('exitstatus'))})<br>"
+        f"({e(mode)}; exit status {e(server.get('exitstatus'))})<br>{started_as}"
         f'<span class="counts">{total} checks: {counts}</span><br>{sets}{error}</li>'
     )
 
@@ -161,7 +177,8 @@ def _server_card(server: Mapping[str, Any]) -> str:
 def _server_header(server: Mapping[str, Any]) -> str:
     version = server.get("version") or ""
     return (
-        f'<th class="server" title="{e(server["target"])}"><b>{e(server["key"])}</b>'
+        f'<th class="server" title="{e(server.get("configuration") or server["target"])}">'
+        f"<b>{e(server['key'])}</b>"
         f'<br><span class="version">{e(version)}</span></th>'
     )
 
@@ -169,9 +186,9 @@ def _server_header(server: Mapping[str, Any]) -> str:
 def _cell(key: str, row: Mapping[str, Any]) -> str:
     cell = row["cells"][key]
     outcome = str(cell["outcome"])
-    glyph = _KNOWN[outcome][2] if outcome in _KNOWN else FALLBACK[0]
-    label = _KNOWN[outcome][1] if outcome in _KNOWN else outcome
-    parts = [f"<b>{e(row['id'])}</b> on <b>{e(key)}</b>: {e(label)}"]
+    known = _family(outcome)
+    glyph = _KNOWN[known][2] if known else FALLBACK[0]
+    parts = [f"<b>{e(row['id'])}</b> on <b>{e(key)}</b>: {e(label(outcome))}"]
     if row.get("quote"):
         parts.append(f"<blockquote>{e(row['quote'])}</blockquote>")
     if cell.get("message"):
@@ -254,7 +271,8 @@ def render(matrix: Mapping[str, Any], *, title: str = "NBD conformance matrix") 
         f"<p>{total} checks against {len(keys)} servers, grouped by the section of the NBD "
         "specification (<code>proto.md</code>) each enforces. Click a cell for the spec "
         "sentence, the message, the evidence and the command that reruns that check against "
-        "that server.</p>"
+        "that server (<code>nbd-conformance</code> is installed by <code>pip install .</code> in a "
+        "checkout, and is in <code>.tox/matrix/bin/</code> after <code>tox -e matrix</code>).</p>"
         f"{_legend(outcomes)}"
         f'<details class="sets"><summary>The spec\'s own sets, scored per server</summary>'
         f"<ul>{sets}</ul><p>A set is met when every feature it lists was exercised by a "

@@ -43,15 +43,25 @@ class Target:
     key: str
     options: tuple[str, ...]
     version_command: tuple[str, ...] = ()
+    #: How the server is started, for people: the profile's command line, the template, the URI.
+    configuration: str = ""
 
 
-def installed_profiles() -> list[str]:
+def profile_configuration(name: str) -> str:
+    """The first line of the profile's docstring: its command line (``qemu-nbd -k SOCK ...``)."""
+    doc = (PROFILES[name].__doc__ or "").strip().splitlines()
+    return doc[0].replace("``", "").strip() if doc else ""
+
+
+def installed_profiles(progress: Callable[[str], None] | None = None) -> list[str]:
     """The built-in profiles whose program is on PATH (the reference server always is)."""
     names = []
     for name in PROFILES:
         command = VERSION_COMMANDS.get(name)
         if name == "reference" or (command and shutil.which(command[0])):
             names.append(name)
+        elif progress is not None:
+            progress(f"matrix: {name} is not installed: no column for it")
     return names
 
 
@@ -69,14 +79,19 @@ def targets(
     """The targets in column order: built-in profiles, then command templates, then URIs."""
     taken: set[str] = set()
     result = [
-        Target(_unique(p, taken), (f"--nbd-server={p}",), tuple(VERSION_COMMANDS.get(p, ())))
+        Target(
+            _unique(p, taken),
+            (f"--nbd-server={p}",),
+            tuple(VERSION_COMMANDS.get(p, ())),
+            profile_configuration(p),
+        )
         for p in profiles
     ]
     for template in server_cmds:
         program = os.path.basename(template.split()[0]) if template.split() else "command"
-        result.append(Target(_unique(program, taken), ("--server-cmd", template)))
+        result.append(Target(_unique(program, taken), ("--server-cmd", template), (), template))
     for uri in uris:
-        result.append(Target(_unique("uri", taken), ("--uri", uri)))
+        result.append(Target(_unique("uri", taken), ("--uri", uri), (), uri))
     return result
 
 
@@ -184,6 +199,8 @@ def run_target(
         }
     if version and not report.get("version"):
         report["version"] = version
+    if target.configuration and not report.get("configuration"):
+        report["configuration"] = target.configuration
     report.setdefault("duration", round(seconds, 1))
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     return RunResult(target, report_path, status, seconds, version)
