@@ -130,3 +130,15 @@ def test_the_card_says_how_the_server_was_started():
     matrix["servers"][0]["configuration"] = "nbdkit -U SOCK memory SIZE"
     card = parse(render.render(matrix)).find_all("li", "server")[0]
     assert "started as nbdkit -U SOCK memory SIZE" in card.text()
+
+
+def test_a_set_not_met_says_why_in_plain_sight(dom):
+    cards = dom.find_all("li", "server")
+    assert not cards[0].find_all("ul", "reasons")
+    reasons = [li.text() for li in cards[1].find_all("ul", "reasons")[0].find_all("li")]
+    assert reasons == [
+        "Baseline not met: the `NBD_OPT_ABORT` message, and its response. "
+        "-- failing: test_abort_gets_ack"
+    ]
+    marks = [m.attrs["title"] for m in dom.find_all("th", "server")[1].find_all("span", "mark")]
+    assert marks == ["Baseline: not met", "Maximum interoperability: undetermined"]

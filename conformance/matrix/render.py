@@ -103,6 +103,8 @@ td.cell .detail{position:absolute;z-index:2;left:0;top:100%;width:40em;text-alig
 .legend span.sw,.set{display:inline-block;padding:0 6px;margin:1px 4px 1px 0;border:1px solid #999}
 .set{font-size:12px;border-radius:3px}
 .counts{font-size:12px}
+.mark{font-size:10px;padding:0 2px;border:1px solid #999;border-radius:3px;white-space:nowrap}
+ul.reasons{font-size:12px;margin:.2em 0}
 #filters{margin:.5em 0;padding:.4em;background:#f4f4f4;border:1px solid #ccc}
 #filters label{margin-right:1em}
 tr[hidden]{display:none}
@@ -156,6 +158,16 @@ def _set_badge(name: str, score: Mapping[str, Any]) -> str:
     )
 
 
+def _set_mark(name: str, score: Mapping[str, Any]) -> str:
+    """The set's verdict in a column header: its short tag, coloured."""
+    status = str(score.get("status", "undetermined"))
+    colour = SET_LOOK.get(status, (status, "#d9d9d9"))[1]
+    return (
+        f'<span class="mark" style="background:{colour}" title="{e(name)}: {e(status)}">'
+        f"{e(SET_TAGS.get(name, name))}</span>"
+    )
+
+
 def _server_card(server: Mapping[str, Any]) -> str:
     """What the column header has no room for: version, configuration, totals, the sets."""
     counts = ", ".join(f"{n} {e(o)}" for o, n in server["counts"].items())
@@ -163,6 +175,13 @@ def _server_card(server: Mapping[str, Any]) -> str:
     version = server.get("version") or "version unknown"
     sets = " ".join(_set_badge(name, score) for name, score in server["sets"].items())
     mode = "SHOULD failures fail" if server.get("strict") else "SHOULD failures are warnings"
+    reasons = "".join(
+        f"<li>{e(name)} {e(score['status'])}: {e(reason)}</li>"
+        for name, score in server["sets"].items()
+        if score.get("status") == "not met"
+        for reason in score.get("reasons", [])
+    )
+    why = f'<ul class="reasons">{reasons}</ul>' if reasons else ""
     started = server.get("configuration")
     started_as = f"started as <code>{e(started)}</code><br>" if started else ""
     error = f'<br><span class="error">{e(server["error"])}</span>' if server.get("error") else ""
@@ -170,7 +189,7 @@ def _server_card(server: Mapping[str, Any]) -> str:
         f'<li class="server" data-server="{e(server["key"])}"><b>{e(server["key"])}</b> '
         f'<span class="version">{e(version)}</span>: <code>{e(server["target"])}</code> '
         f"({e(mode)}; exit status {e(server.get('exitstatus'))})<br>{started_as}"
-        f'<span class="counts">{total} checks: {counts}</span><br>{sets}{error}</li>'
+        f'<span class="counts">{total} checks: {counts}</span><br>{sets}{why}{error}</li>'
     )
 
 
@@ -179,7 +198,9 @@ def _server_header(server: Mapping[str, Any]) -> str:
     return (
         f'<th class="server" title="{e(server.get("configuration") or server["target"])}">'
         f"<b>{e(server['key'])}</b>"
-        f'<br><span class="version">{e(version)}</span></th>'
+        f'<br><span class="version">{e(version)}</span><br>'
+        + " ".join(_set_mark(name, score) for name, score in server["sets"].items())
+        + "</th>"
     )
 
 
