@@ -134,3 +134,10 @@ def test_nothing_run_leaves_the_set_undetermined(neutral):
     assert result.status is Status.UNDETERMINED
     assert all(reason.endswith("no check ran") for reason in result.reasons())
     assert result.to_json()["status"] == "undetermined"
+
+
+def test_a_set_not_met_gives_only_the_reasons_it_is_not_met():
+    outcomes = {"conformance/test_options.py::test_abort_gets_ack": "failed"}
+    assert score(BASELINE, outcomes).reasons() == [
+        "the `NBD_OPT_ABORT` message, and its response. -- failing: test_abort_gets_ack"
+    ]

@@ -210,16 +210,22 @@ class SetScore:
         return len({n for f in self.features for n in (*f.good, *f.bad, *f.unsupported, *f.other)})
 
     def reasons(self) -> list[str]:
-        """Why the set is not met (or not determined), one line per feature, for people."""
+        """Why the set is not met (or not determined), one line per feature, for people.
+
+        Only the features that decide the status: those not met when the
+        set is not met, those undetermined when it is undetermined.
+        """
         lines = []
+        status = self.status
         for f in self.features:
+            if f.status is not status or status is Status.MET:
+                continue
             if f.bad:
                 lines.append(f"{f.feature.sentence} -- failing: {', '.join(_ids(f.bad))}")
             elif f.unsupported and not f.good:
-                lines.append(
-                    f"{f.feature.sentence} -- unsupported: {', '.join(_ids(f.unsupported))}"
-                )
-            elif not f.good:
+                unsupported = ", ".join(_ids(f.unsupported))
+                lines.append(f"{f.feature.sentence} -- unsupported: {unsupported}")
+            else:
                 lines.append(f"{f.feature.sentence} -- no check ran")
         return lines
 
