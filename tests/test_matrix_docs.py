@@ -80,7 +80,10 @@ def test_every_check_the_prose_cites_has_the_verdict_it_describes(profile):
             cited += 1
             verdicts = outcomes(profile, name)
             assert verdicts, f"{profile}: {name} is not in docs/matrix/{profile}.json"
-            if re.search(r"\bpasses\b", sentence):
+            if re.search(r"now and then|intermittent", sentence):
+                # A race: the known deviation shows in some runs only (xpassed in the others).
+                assert verdicts & (NOT_PASSING | {"xpassed"}), f"{profile}: {name}: {verdicts}"
+            elif re.search(r"\bpasses\b", sentence):
                 assert verdicts == {"passed"}, (
                     f"{profile}: the prose says {name} passes: {verdicts}"
                 )
@@ -89,3 +92,10 @@ def test_every_check_the_prose_cites_has_the_verdict_it_describes(profile):
                     f"{profile}: the prose cites {name}, which {verdicts}"
                 )
     assert cited, f"the {profile} paragraph cites no check"
+
+
+def test_no_check_id_is_part_of_a_module_name():
+    """The rerun commands select a check with ``-k ID``, which also matches module names."""
+    modules = [p.name for p in (REPO / "conformance").glob("test_*.py")]
+    ids = [c["id"] for c in report("reference")["checks"]]
+    assert not [(i, m) for i in ids for m in modules if i.lower() in m.lower()]

@@ -108,7 +108,7 @@ def build(
     started = time.monotonic()
     loaded = [(path.stem, merge.load_report(path)) for path in report_paths]
     reports = [loaded[i] for i in merge.column_order(loaded, list(merge.BUILT_IN))]
-    matrix = merge.merge(reports, sources={})
+    matrix = merge.merge(reports)
     page = render.render(matrix, title=title).encode()
     html_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -116,8 +116,10 @@ def column_order(
 def keyword_expression(check_id: str, all_ids: Iterable[str]) -> str | None:
     """A ``pytest -k`` expression selecting CHECK_ID alone among ALL_IDS, or None.
 
-    ``-k`` matches substrings, so every other ID containing this one is
-    excluded by name.  None when the ID holds characters ``-k`` cannot take.
+    ``-k`` matches substrings of the names of a check and of its module, so
+    every other ID containing this one is excluded by name (no ID is a part
+    of a module name: tests/test_matrix_docs.py checks).  None when the ID
+    holds characters ``-k`` cannot take.
     """
     if not _KEYWORD_SAFE.fullmatch(check_id):
         return None
@@ -148,17 +150,14 @@ def merge(
     reports: Sequence[tuple[str, Mapping[str, Any]]],
     *,
     versions: Mapping[str, str] | None = None,
-    sources: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Merge REPORTS ((file stem, report) pairs, in column order) into a matrix document.
 
-    VERSIONS (column key -> version) fill in what a report does not say;
-    SOURCES (column key -> where the report came from) is recorded as is.
+    VERSIONS (column key -> version) fill in what a report does not say.
     Rows are ordered by section, then by node ID; a check missing from a
     report gets the verdict :data:`ABSENT` in that column.
     """
     versions = versions or {}
-    sources = sources or {}
     keys = server_keys(reports)
     rows: dict[str, dict[str, Any]] = {}
     for key, (_, report) in zip(keys, reports, strict=True):
@@ -205,7 +204,7 @@ def merge(
                 "configuration": str(report.get("configuration") or ""),
                 "strict": bool(report.get("strict", False)),
                 "exitstatus": report.get("exitstatus"),
-                "source": sources.get(key, stem),
+                "source": stem,
                 "error": str(report.get("error") or ""),
                 "duration": report.get("duration"),
                 "counts": _counts(outcomes.values()),

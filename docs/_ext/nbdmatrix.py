@@ -41,6 +41,10 @@ def build_matrix(paths: list[Path]) -> dict[str, Any]:
     return merge.merge(ordered)
 
 
+def page(matrix: dict[str, Any]) -> str:
+    return render.render(matrix, title="NBD conformance matrix: Debian 12's servers")
+
+
 class MatrixDirective(SphinxDirective):
     """One row per server of the committed reports, and a link to the page."""
 
@@ -87,7 +91,8 @@ class MatrixDirective(SphinxDirective):
             _para(
                 f"{sum(len(s['checks']) for s in matrix['sections'])} checks; the page: ",
                 nodes.reference(text=PAGE, refuri=PAGE),
-                " (one file, no network access, filters with a few lines of JavaScript).",
+                f" ({len(page(matrix).encode()) // 1000} kB in one file, no network access, "
+                "filters with a few lines of JavaScript).",
             ),
         ]
 
