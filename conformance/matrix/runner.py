@@ -50,7 +50,7 @@ class Target:
 def profile_configuration(name: str) -> str:
     """The first line of the profile's docstring: its command line (``qemu-nbd -k SOCK ...``)."""
     doc = (PROFILES[name].__doc__ or "").strip().splitlines()
-    return doc[0].replace("``", "").strip() if doc else ""
+    return doc[0].replace("``", "").strip().rstrip(".") if doc else ""
 
 
 def installed_profiles(progress: Callable[[str], None] | None = None) -> list[str]:
