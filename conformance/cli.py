@@ -6,6 +6,9 @@ suite's plugin, e.g.::
     nbd-conformance --nbd-server=qemu-nbd -n auto --report=report.json
     nbd-conformance --uri 'nbd+unix:///disk?socket=/run/nbd.sock'
     nbd-conformance --server-cmd 'myserver -k {socket} --size {size} {read_only:-r}'
+
+``nbd-conformance matrix ...`` runs it against several servers (or merges
+reports) into one HTML page: see :mod:`conformance.matrix.cli`.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ usage: nbd-conformance [--nbd-server=PROFILE | --server-cmd=TEMPLATE | --uri=URI
                        [--allow-writes] [--allow-disruptive] [--nbd-strict]
                        [--report=FILE.json]
                        [-n auto] [any pytest option]
+       nbd-conformance matrix [--help] [REPORT.json ...]
 
-Validate an NBD server against the NBD protocol specification.
+Validate an NBD server against the NBD protocol specification.  'matrix' runs
+several servers (or merges reports) into one HTML page: see 'matrix --help'.
 
   --nbd-server=PROFILE   reference (default), qemu-nbd, nbdkit or nbd-server
   --server-cmd=TEMPLATE  start another server per check; placeholders {socket}
@@ -43,6 +48,10 @@ Validate an NBD server against the NBD protocol specification.
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["matrix"]:
+        from conformance.matrix.cli import main as matrix_main
+
+        return matrix_main(args[1:])
     if "-h" in args or "--help" in args:
         from conformance.requirements.coverage import coverage_lines
 

@@ -18,7 +18,7 @@ author = "the nbd-toolkit authors"
 copyright = "the nbd-toolkit authors"
 release = version = "0.1.0"
 
-extensions = ["nbddocs"]
+extensions = ["nbddocs", "nbdmatrix"]
 exclude_patterns = ["_build", "traces/README.rst", "spec"]
 templates_path: list[str] = []
 root_doc = "index"

@@ -547,7 +547,10 @@ def load_reports(directory: Path) -> list[tuple[Path, dict[str, Any] | None, str
     reports = []
     for path in sorted(directory.glob("*.json")):
         try:
-            reports.append((path, json.loads(path.read_text()), ""))
+            document = json.loads(path.read_text())
+            if isinstance(document, dict) and "servers" in document and "format" in document:
+                continue  # the merged matrix written beside the reports (nbdmatrix.py)
+            reports.append((path, document, ""))
         except (OSError, ValueError) as exc:
             reports.append((path, None, str(exc)))
     return reports
