@@ -8,6 +8,7 @@ import pytest
 
 from conformance.matrix import merge
 from conformance.report import Collector, to_json
+from conformance.verdict import Verdict
 
 
 def report(profile, outcomes, **meta):
@@ -151,8 +152,10 @@ def test_reports_written_by_the_suite_merge(tmp_path):
         "nbd_section": "Values / Option types",
         "nbd_level": "MUST",
     }
-    for when, outcome in (("setup", "passed"), ("call", "failed"), ("teardown", "passed")):
-        collector.add(nodeid=A, when=when, outcome=outcome, properties=props, message="no ACK")
+    for when, verdict in (("setup", "passed"), ("call", "failed"), ("teardown", "passed")):
+        collector.add(
+            nodeid=A, when=when, verdict=Verdict(verdict), properties=props, message="no ACK"
+        )
     path = tmp_path / "nbd-server.json"
     path.write_text(
         to_json(collector.results.values(), profile="nbd-server", target="--nbd-server=nbd-server")
