@@ -4,8 +4,9 @@
 the profile starts a fresh one (or, for ``--uri``, hands over the running one
 when it already is in that configuration), every connection to it carries the
 check's write permission (:mod:`conformance.guard`), and a server that ends
-during the check fails it.  The plugin's state comes from
-:func:`conformance.plugin.plugin_of`.
+during the check fails it.  What they need of the run (the profile, whether
+the target may be written) the plugin leaves in the config's stash under
+:data:`RUN`, so that this module does not import the plugin that loads it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -24,6 +25,16 @@ from conformance.liveness import ServerCrashed
 from conformance.servers import Profile, ProfileCannotDo, Server, ServerConfig
 from conformance.tlsutil import generate as generate_credentials
 
+
+class RunState(Protocol):
+    """What the fixtures need of the run (the plugin object provides it)."""
+
+    profile: Profile
+    writes_allowed: bool
+
+
+#: The run's state, set by the plugin at configure time.
+RUN = pytest.StashKey[RunState]()
 #: Per check: the servers start_server started for it.
 SERVERS = pytest.StashKey[list[Server]]()
 #: Per check: whether it reached for the target (asked start_server for it).
@@ -38,9 +49,7 @@ def short_tmpdir(prefix: str) -> Path:
 @pytest.fixture(scope="session")
 def nbd_profile(pytestconfig: pytest.Config) -> Profile:
     """The profile of the server under test."""
-    from conformance.plugin import plugin_of
-
-    return plugin_of(pytestconfig).profile
+    return pytestconfig.stash[RUN].profile
 
 
 @pytest.fixture(scope="session")
@@ -68,12 +77,10 @@ def start_server(
     configuration.  Every connection to the server carries the check's write
     permission; a server that ends during the check fails it.
     """
-    from conformance.plugin import plugin_of
-
     started: list[tuple[Server, Path | None]] = []
     permission = WritePermission(
         marked=request.node.get_closest_marker("writes") is not None,
-        target_writable=plugin_of(request.config).writes_allowed,
+        target_writable=request.config.stash[RUN].writes_allowed,
         check=request.node.nodeid,
     )
     servers = request.node.stash.setdefault(SERVERS, [])

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 from conformance import evidence, fixtures
-from conformance.fixtures import SERVERS, TOUCHED, short_tmpdir
+from conformance.fixtures import RUN, SERVERS, TOUCHED, short_tmpdir
 from conformance.liveness import GoneRecord, GoneState, ServerCrashed, TargetGone, probe
 from conformance.report import Collector, to_json
 from conformance.requirements.coverage import coverage_lines
@@ -184,6 +184,7 @@ class ConformancePlugin:
             config.getoption("allow_disruptive")
         )
         self.collector = Collector()
+        config.stash[RUN] = self
         self.is_worker = hasattr(config, "workerinput")
         workerinput = getattr(config, "workerinput", None)
         if workerinput is not None:
