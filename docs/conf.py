@@ -1,7 +1,7 @@
 """Sphinx configuration: HTML and man pages, Sphinx built-ins plus one local extension.
 
 ``tox -e docs`` builds with ``-W --keep-going``: every warning fails the build,
-including those of ``_ext/nbddocs.py`` (undocumented options, traces that no
+including those of ``_ext/nbddocs/`` (undocumented options, traces that no
 longer match the reference server, checks citing headings that do not exist).
 """
 

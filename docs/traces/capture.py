@@ -29,7 +29,7 @@ Usage::
     python3 docs/traces/capture.py --check    # exit 1, with a diff, on drift
     python3 docs/traces/capture.py --only tls --out /tmp/t
 
-The docs' Sphinx extension (docs/_ext/nbddocs.py) runs ``--check`` at build
+The docs' Sphinx extension (docs/_ext/nbddocs/) runs ``--check`` at build
 time, so a change of the server's behaviour that the docs do not reflect
 fails ``tox -e docs``.
 """

@@ -10,7 +10,7 @@ a phase, and only through its table: a transition not in the table raises
 the protocol.
 
 The tables are data: the docs render them as state diagrams
-(``docs/_ext/nbddocs.py``, ``.. nbd-state-diagram::``), and the unit tests
+(``docs/_ext/nbddocs/``, ``.. nbd-state-diagram::``), and the unit tests
 check that every transition is reachable from bytes on the wire.
 
 Spec: "Protocol phases / Handshake" and "Protocol phases / Transmission".
