@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conformance import tlsutil
-from conformance.servers.base import unix_socket_listening
+from conformance.servers.process import unix_socket_listening
 from conformance.spec import SpecViolation
 from conformance.wire import (
     AllocationState,

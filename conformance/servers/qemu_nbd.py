@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conformance.servers.base import Deviation, Profile, ServerConfig
+from conformance.servers.peers import ServeOptions, qemu_nbd_argv
 
 
 class QemuNbd(Profile):
@@ -69,30 +70,15 @@ class QemuNbd(Profile):
         image = workdir / "disk.img"
         with open(image, "wb") as f:
             f.truncate(config.size)
-        shared = 0 if config.shared is None else config.shared
-        argv = [
-            "qemu-nbd",
-            "-k",
-            socket_path,
-            "-f",
-            "raw",
-            "-t",
-            "-e",
-            str(shared),
-            "-x",
-            config.export_name,
-        ]
-        if config.read_only:
-            argv.append("-r")
-        if config.description is not None:
-            argv += ["-D", config.description]
-        if config.tls:
-            assert tls_dir is not None
-            argv += [
-                "--object",
-                f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server",
-                "--tls-creds",
-                "tls0",
-            ]
-        argv.append(str(image))
-        return argv
+        return qemu_nbd_argv(
+            ServeOptions(
+                socket=socket_path,
+                image=image,
+                read_only=config.read_only,
+                shared=0 if config.shared is None else config.shared,
+                persistent=True,
+                export_name=config.export_name,
+                description=config.description,
+                tls_dir=tls_dir if config.tls else None,
+            )
+        )
