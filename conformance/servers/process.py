@@ -261,12 +261,20 @@ class ServerProcess:
     def follow_daemon(self, pid_file: Path, timeout: float) -> None:
         """The launcher daemonises: wait for it to exit 0, then take the PID from PID_FILE."""
         deadline = time.monotonic() + timeout
+        self.wait_launcher(timeout)
+        self.read_pid_file(pid_file, max(0.1, deadline - time.monotonic()))
+
+    def wait_launcher(self, timeout: float) -> None:
+        """Wait for the process we started to exit 0, as a daemonising server's does."""
         try:
             status = self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             raise ServerStartError(f"{self.name} did not daemonise\n{self.log_tail()}") from None
         if status != 0:
             raise ServerStartError(f"{self.name} exited with status {status}\n{self.log_tail()}")
+
+    def read_pid_file(self, pid_file: Path, timeout: float) -> None:
+        """From now on the server is the daemon PID_FILE names (once it is complete)."""
 
         def pid_written() -> bool:
             try:
@@ -278,9 +286,8 @@ class ServerProcess:
             self.daemon_pid = int(text)
             return True
 
-        left = max(0.1, deadline - time.monotonic())
         try:
-            wait_until(pid_written, f"{self.name}'s PID file", left)
+            wait_until(pid_written, f"{self.name}'s PID file", timeout)
         except TimeoutError:
             raise ServerStartError(f"{self.name} wrote no PID file\n{self.log_tail()}") from None
 
