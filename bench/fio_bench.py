@@ -152,12 +152,16 @@ class Server:
     kind: ServerKind
     sock: str
     image: str
-    process: ServerProcess
+    server_process: ServerProcess
     log: Path
 
     @property
     def argv(self) -> list[str]:
-        return self.process.argv
+        return self.server_process.argv
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.server_process.process
 
     @property
     def uri(self) -> str:
@@ -175,7 +179,7 @@ class Server:
         return None
 
     def log_tail(self, lines: int = 15) -> str:
-        return "\n".join(self.process.log_text().splitlines()[-lines:])
+        return "\n".join(self.server_process.log_text().splitlines()[-lines:])
 
 
 @contextlib.contextmanager
@@ -213,7 +217,7 @@ def running(
         yield servers
     finally:
         for server in servers.values():
-            server.process.stop(STOP_TIMEOUT)
+            server.server_process.stop(STOP_TIMEOUT)
             if server.image:
                 with contextlib.suppress(OSError):
                     os.unlink(server.image)
