@@ -19,6 +19,7 @@ from typing import Any
 
 from conformance.client import close_handle, open_handle
 from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
+from conformance.servers.peers import ServeOptions
 from conformance.servers.process import ServerProcess, describe_exit
 from conformance.target import Target, unix_target
 
@@ -288,6 +289,27 @@ class Profile:
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         raise NotImplementedError
+
+    def serve_options(
+        self, config: ServerConfig, socket_path: str, tls_dir: str | None, **peer: Any
+    ) -> ServeOptions:
+        """CONFIG in the harness's terms, for a built-in peer's command line.
+
+        Always persistent: checks connect more than once.  ``shared=None``
+        becomes 0, unlimited (qemu-nbd's own default would be 1).  PEER adds
+        what only that server needs (an image file, a RAM disk's size).
+        """
+        return ServeOptions(
+            socket=socket_path,
+            read_only=config.read_only,
+            shared=0 if config.shared is None else config.shared,
+            persistent=True,
+            export_name=config.export_name,
+            description=config.description,
+            tls_dir=tls_dir if config.tls else None,
+            minimum_block_size=config.minimum_block_size,
+            **peer,
+        )
 
     def env(self) -> dict[str, str] | None:
         return None

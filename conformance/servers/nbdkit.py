@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conformance.servers.base import Deviation, Profile, ServerConfig
-from conformance.servers.peers import ServeOptions, nbdkit_argv
+from conformance.servers.peers import nbdkit_argv
 
 
 class Nbdkit(Profile):
@@ -49,16 +49,4 @@ class Nbdkit(Profile):
     def command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
-        return nbdkit_argv(
-            ServeOptions(
-                socket=socket_path,
-                memory=config.size,
-                read_only=config.read_only,
-                shared=config.shared,
-                persistent=True,
-                export_name=config.export_name,
-                description=config.description,
-                tls_dir=tls_dir if config.tls else None,
-                minimum_block_size=config.minimum_block_size,
-            )
-        )
+        return nbdkit_argv(self.serve_options(config, socket_path, tls_dir, memory=config.size))

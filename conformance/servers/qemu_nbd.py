@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conformance.servers.base import Deviation, Profile, ServerConfig
-from conformance.servers.peers import ServeOptions, qemu_nbd_argv
+from conformance.servers.peers import qemu_nbd_argv
 
 
 class QemuNbd(Profile):
@@ -70,15 +70,4 @@ class QemuNbd(Profile):
         image = workdir / "disk.img"
         with open(image, "wb") as f:
             f.truncate(config.size)
-        return qemu_nbd_argv(
-            ServeOptions(
-                socket=socket_path,
-                image=image,
-                read_only=config.read_only,
-                shared=0 if config.shared is None else config.shared,
-                persistent=True,
-                export_name=config.export_name,
-                description=config.description,
-                tls_dir=tls_dir if config.tls else None,
-            )
-        )
+        return qemu_nbd_argv(self.serve_options(config, socket_path, tls_dir, image=image))

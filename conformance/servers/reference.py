@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conformance.servers.base import Deviation, Profile, ServerConfig
-from conformance.servers.peers import REPO_ROOT, ServeOptions, reference_argv
+from conformance.servers.peers import REPO_ROOT, reference_argv
 from conformance.servers.process import with_pythonpath
 
 
@@ -24,19 +24,7 @@ class Reference(Profile):
     def command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
-        return reference_argv(
-            ServeOptions(
-                socket=socket_path,
-                memory=config.size,
-                read_only=config.read_only,
-                shared=0 if config.shared is None else config.shared,
-                persistent=True,
-                export_name=config.export_name,
-                description=config.description,
-                tls_dir=tls_dir if config.tls else None,
-                minimum_block_size=config.minimum_block_size,
-            )
-        )
+        return reference_argv(self.serve_options(config, socket_path, tls_dir, memory=config.size))
 
     def env(self) -> dict[str, str]:
         return with_pythonpath(REPO_ROOT)
