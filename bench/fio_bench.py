@@ -37,17 +37,25 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: the server harness lives in conformance/
+    sys.path.insert(1, str(REPO))
+
+from conformance.servers.peers import PEERS, ServeOptions, reference_argv  # noqa: E402
+from conformance.servers.process import (  # noqa: E402
+    ServerProcess,
+    ServerStartError,
+    with_pythonpath,
+)
+
 MiB = 1024 * 1024
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -90,42 +98,49 @@ class ServerKind:
     """How to start one server under test; ``ours`` marks a reference variant."""
 
     name: str
-    program: str
-    ours: bool
+    peer: str  # the harness's name for it: reference, qemu-nbd, nbdkit
     needs_image: bool
-    argv: Callable[[argparse.Namespace, str, str], list[str]]
     # Where its reference_server package lives: "reference" (--reference-root)
     # or "candidate" (--candidate, a modified copy measured in the same run).
     root: str = "reference"
+    # qemu-nbd's tuning (its defaults spelled out: page-cache I/O like our file backend).
+    cache: str | None = None
+    aio: str | None = None
+
+    @property
+    def ours(self) -> bool:
+        return self.peer == "reference"
+
+    @property
+    def program(self) -> str:
+        return "python3" if self.ours else self.peer
 
 
-def _reference_memory(args: argparse.Namespace, sock: str, image: str) -> list[str]:
-    size = str(args.size)
-    return [args.python, "-m", "reference_server", "--memory", size, "-k", sock, "-t", "-e", "0"]
-
-
-def _reference_file(args: argparse.Namespace, sock: str, image: str) -> list[str]:
-    return [args.python, "-m", "reference_server", "-f", "raw", "-k", sock, "-t", "-e", "0", image]
-
-
-def _qemu_nbd(args: argparse.Namespace, sock: str, image: str) -> list[str]:
-    options = ["-f", "raw", "-k", sock, "-t", "-e", "0", "--cache=writeback", "--aio=threads"]
-    return ["qemu-nbd", *options, image]
-
-
-def _nbdkit(args: argparse.Namespace, sock: str, image: str) -> list[str]:
-    return ["nbdkit", "-U", sock, "-f", "--exit-with-parent", "memory", str(args.size)]
+def server_argv(kind: ServerKind, args: argparse.Namespace, sock: str, image: str) -> list[str]:
+    """Every server persistent with MULTI_CONN advertised (-e 0; nbdkit has no limit)."""
+    options = ServeOptions(
+        socket=sock,
+        image=image if kind.needs_image else None,
+        memory=None if kind.needs_image else args.size,
+        persistent=True,
+        shared=0,
+        cache=kind.cache,
+        aio=kind.aio,
+    )
+    if kind.ours:
+        return reference_argv(options, python=args.python)
+    return PEERS[kind.peer](options)
 
 
 SERVERS = {
     kind.name: kind
     for kind in (
-        ServerKind("reference", "python3", True, False, _reference_memory),
-        ServerKind("reference-file", "python3", True, True, _reference_file),
-        ServerKind("qemu-nbd", "qemu-nbd", False, True, _qemu_nbd),
-        ServerKind("nbdkit", "nbdkit", False, False, _nbdkit),
-        ServerKind("candidate", "python3", True, False, _reference_memory, "candidate"),
-        ServerKind("candidate-file", "python3", True, True, _reference_file, "candidate"),
+        ServerKind("reference", "reference", False),
+        ServerKind("reference-file", "reference", True),
+        ServerKind("qemu-nbd", "qemu-nbd", True, cache="writeback", aio="threads"),
+        ServerKind("nbdkit", "nbdkit", False),
+        ServerKind("candidate", "reference", False, "candidate"),
+        ServerKind("candidate-file", "reference", True, "candidate"),
     )
 }
 
@@ -137,9 +152,16 @@ class Server:
     kind: ServerKind
     sock: str
     image: str
-    argv: list[str]
-    process: subprocess.Popen[bytes]
+    server_process: ServerProcess
     log: Path
+
+    @property
+    def argv(self) -> list[str]:
+        return self.server_process.argv
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.server_process.process
 
     @property
     def uri(self) -> str:
@@ -157,44 +179,7 @@ class Server:
         return None
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def _wait_listening(server: Server, deadline: float) -> None:
-    """Connect until it succeeds: a listening socket is the only readiness signal we trust."""
-    while True:
-        if server.process.poll() is not None:
-            raise BenchError(
-                f"{server.kind.name} exited with status {server.process.returncode} at startup:\n"
-                + server.log_tail()
-            )
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)
-            try:
-                probe.connect(server.sock)
-                # Wait for the greeting so a half-started server does not count as ready.
-                if probe.recv(8):
-                    return
-            except OSError:
-                pass
-        if time.monotonic() > deadline:
-            raise BenchError(f"{server.kind.name} did not listen on {server.sock} in time")
-        time.sleep(0.05)
-
-
-def stop(server: Server) -> None:
-    """SIGTERM, wait with a timeout, then SIGKILL: always by PID."""
-    process = server.process
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
+        return "\n".join(self.server_process.log_text().splitlines()[-lines:])
 
 
 @contextlib.contextmanager
@@ -212,30 +197,27 @@ def running(
                 image = str(Path(args.image_dir) / f"{workdir.name}-{tag}-{name}.raw")
                 with open(image, "wb") as f:
                     f.truncate(args.size)
-            argv = kind.argv(args, sock, image)
             log = workdir / f"{tag}-{name}.log"
             # tox's PYTHONASYNCIODEBUG=1 (meant for tests) would slow every request.
             env = {k: v for k, v in os.environ.items() if k not in DEBUG_ENV}
             root = args.candidate if kind.root == "candidate" else args.reference_root
             if kind.ours:
-                env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")]).rstrip(
-                    os.pathsep
-                )
-            with open(log, "wb") as log_file:
-                process = subprocess.Popen(
-                    argv,
-                    cwd=root if kind.ours else workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                )
-            servers[name] = Server(kind, sock, image, argv, process, log)
-            _wait_listening(servers[name], time.monotonic() + START_TIMEOUT)
+                env = with_pythonpath(root, env)
+            process = ServerProcess(
+                server_argv(kind, args, sock, image),
+                log_path=log,
+                env=env,
+                cwd=root if kind.ours else workdir,
+            )
+            servers[name] = Server(kind, sock, image, process, log)
+            try:
+                process.wait_listening(sock, START_TIMEOUT)
+            except ServerStartError as exc:
+                raise BenchError(f"{name} did not start: {exc}") from None
         yield servers
     finally:
         for server in servers.values():
-            stop(server)
+            server.server_process.stop(STOP_TIMEOUT)
             if server.image:
                 with contextlib.suppress(OSError):
                     os.unlink(server.image)
@@ -497,7 +479,7 @@ def save_json(args: argparse.Namespace, results: Results, path: str) -> None:
             "runtime": args.runtime,
             "size": args.size,
             "servers": {
-                n: " ".join(SERVERS[n].argv(args, "SOCK", "IMAGE")) for n in results.servers
+                n: " ".join(server_argv(SERVERS[n], args, "SOCK", "IMAGE")) for n in results.servers
             },
             "jobs": [vars(j) for j in (*JOBS, *RSS_JOBS)],
             "fio": subprocess.run(

@@ -25,6 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script: the process harness lives in conformance/
+    sys.path.insert(1, str(REPO))
+
+from conformance.servers.process import alive  # noqa: E402
+
 KILL_GRACE = 10.0
 
 
@@ -95,23 +100,14 @@ def _end_group(process: subprocess.Popen[str]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + KILL_GRACE
-        while time.monotonic() < deadline and any(_alive(pid) for pid in pids[1:]):
+        while time.monotonic() < deadline and any(alive(pid) for pid in pids[1:]):
             time.sleep(0.1)
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             continue
-        if not any(_alive(pid) for pid in pids[1:]):
+        if not any(alive(pid) for pid in pids[1:]):
             return
-
-
-def _alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

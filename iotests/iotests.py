@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -33,6 +32,12 @@ from typing import Any, NoReturn
 
 IOTESTS_DIR = Path(__file__).resolve().parent
 REPO = IOTESTS_DIR.parent
+if str(REPO) not in sys.path:  # run as python iotests/NAME, outside iotests/check
+    sys.path.insert(1, str(REPO))
+
+from conformance.servers import process  # noqa: E402 - needs REPO on sys.path
+from conformance.servers.peers import PEERS, ServeOptions  # noqa: E402
+
 SERVER = os.environ.get("IOTESTS_SERVER", "reference")
 # Upper bound of any single wait: a tool run, a server start, a server exit.
 TIMEOUT = float(os.environ.get("IOTESTS_WAIT", "20"))
@@ -208,33 +213,17 @@ def create_image(name: str, size: int) -> Path:
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.02)
+    process.wait_until(condition, what, timeout)
 
 
 # ---------------------------------------------------------------------------- servers
+#
+# Command lines and process lifecycle come from the toolkit's one server harness
+# (conformance/servers/peers.py and process.py); what is here is the scenarios'
+# vocabulary and the TIMEOUT every wait is bounded by.
 
-
-def _become_subreaper() -> None:
-    """Daemons started with --fork are re-parented to us, so we can reap them."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_child_subreaper = 36
-        libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-
-
-_become_subreaper()
-
-
-def _die_with_parent() -> None:
-    """In a server child: get SIGTERM if this scenario dies, so no server outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+# Daemons started with --fork are re-parented to us, so we can reap them.
+process.become_subreaper()
 
 
 @dataclasses.dataclass
@@ -253,202 +242,70 @@ class ServerOptions:
     pid_file: Path | None = None
     tls_dir: Path | None = None
 
-
-def _reference_argv(o: ServerOptions) -> list[str]:
-    argv = [sys.executable, "-m", "reference_server", "-k", str(o.socket)]
-    argv += _common_flags(o)
-    if o.tls_dir is not None:
-        argv += [f"--tls-creds={o.tls_dir}"]
-    if o.memory is not None:
-        return [*argv, "--memory", o.memory]
-    assert o.image is not None
-    return [*argv, "-f", "raw", str(o.image)]
-
-
-def _qemu_nbd_argv(o: ServerOptions) -> list[str]:
-    if o.memory is not None:
-        raise ValueError("qemu-nbd has no memory backend")
-    assert o.image is not None
-    argv = ["qemu-nbd", "-k", str(o.socket), *_common_flags(o)]
-    if not o.readonly:
-        # Like the reference server, honour NBD_CMD_TRIM instead of ignoring it.
-        argv += ["--discard=unmap"]
-    if o.tls_dir is not None:
-        argv += [
-            "--object",
-            f"tls-creds-x509,id=tls0,dir={o.tls_dir},endpoint=server",
-            "--tls-creds",
-            "tls0",
-        ]
-    return [*argv, "-f", "raw", str(o.image)]
-
-
-def _common_flags(o: ServerOptions) -> list[str]:
-    argv = []
-    if o.readonly:
-        argv.append("-r")
-    if o.shared is not None:
-        argv.append(f"--shared={o.shared}")
-    if o.persistent:
-        argv.append("--persistent")
-    if o.export_name is not None:
-        argv.append(f"--export-name={o.export_name}")
-    if o.description is not None:
-        argv.append(f"--description={o.description}")
-    if o.fork:
-        argv.append("--fork")
-    if o.pid_file is not None:
-        argv.append(f"--pid-file={o.pid_file}")
-    return argv
-
-
-def _nbdkit_argv(o: ServerOptions) -> list[str]:
-    # nbdkit has no connection limit (-e 0 is its only mode) and never exits
-    # after its last client.
-    if o.shared not in (None, 0) or o.fork or not o.persistent:
-        raise ValueError("the nbdkit profile covers persistent servers without a limit only")
-    argv = ["nbdkit", "-U", str(o.socket), "-f"]
-    if o.tls_dir is not None:
-        argv += ["--tls=require", f"--tls-certificates={o.tls_dir}"]
-    if o.readonly:
-        argv.append("-r")
-    if o.export_name is not None:
-        argv += ["-e", o.export_name]
-    params = []
-    if o.description is not None:
-        # nbdkit's -D is for debug flags; descriptions come from a filter.
-        argv.append("--filter=exportname")
-        params.append(f"exportdesc=fixed:{o.description}")
-        if o.export_name is not None:
-            params += ["exportname-list=explicit", f"exportname={o.export_name}"]
-    if o.memory is not None:
-        return [*argv, "memory", o.memory, *params]
-    return [*argv, "file", str(o.image), *params]
-
-
-PROFILES: dict[str, Callable[[ServerOptions], list[str]]] = {
-    "reference": _reference_argv,
-    "qemu-nbd": _qemu_nbd_argv,
-    "nbdkit": _nbdkit_argv,
-}
-
-
-def _listening(path: Path) -> bool:
-    """Whether a Unix socket bound at `path` is in the listening state (/proc/net/unix)."""
-    so_acceptcon = 0x10000
-    with open("/proc/net/unix", encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == str(path):
-                return bool(int(fields[3], 16) & so_acceptcon)
-    return False
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` still runs; reaps it if it is our (possibly adopted) child."""
-    try:
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    def serve_options(self) -> ServeOptions:
+        return ServeOptions(
+            socket=self.socket,
+            image=self.image,
+            memory=self.memory,
+            read_only=self.readonly,
+            shared=self.shared,
+            persistent=self.persistent,
+            export_name=self.export_name,
+            description=self.description,
+            fork=self.fork,
+            pid_file=self.pid_file,
+            tls_dir=self.tls_dir,
+            # Like the reference server, honour NBD_CMD_TRIM instead of ignoring it.
+            discard="unmap" if SERVER == "qemu-nbd" and not self.readonly else None,
+        )
 
 
 _servers: list[Server] = []
 
 
-class Server:
+class Server(process.ServerProcess):
     """A server under test, started by start_server() and stopped by PID."""
 
     def __init__(self, options: ServerOptions, argv: list[str]) -> None:
         self.options = options
         self.socket = options.socket
-        self.log_path = test_dir / f"server-{len(_servers)}.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-        with self.log_path.open("wb") as log_file:
-            self.proc = subprocess.Popen(
-                argv,
-                cwd=test_dir,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        # With --fork the process we started exits once the daemon is ready.
-        self.pid = self.proc.pid
-        self.daemon_pid: int | None = None
+        super().__init__(
+            argv,
+            log_path=test_dir / f"server-{len(_servers)}.log",
+            env=process.with_pythonpath(REPO),
+            cwd=test_dir,
+        )
         self.listening_when_parent_exited = False
         _servers.append(self)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        """The process start_server() ran (with --fork, the launcher: self.pid is the daemon)."""
+        return self.process
 
     @property
     def uri(self) -> str:
         return uri(self.socket, self.options.export_name or "", None)
 
     def output(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        return self.log_text()
 
     def wait_ready(self) -> None:
         if self.options.fork:
-            status = self.proc.wait(TIMEOUT)
-            if status != 0:
-                raise RuntimeError(f"server --fork parent exited {status}:\n{self.output()}")
-            self.listening_when_parent_exited = self.socket.exists() and (
-                SERVER == "reference" or _listening(self.socket)
-            )
+            # With --fork the process we started exits once the daemon is ready.
+            self.wait_launcher(TIMEOUT)
+            self.listening_when_parent_exited = process.unix_socket_listening(self.socket)
             assert self.options.pid_file is not None
-            self.daemon_pid = int(self.options.pid_file.read_text().strip())
-            self.pid = self.daemon_pid
-
-        def ready() -> bool:
-            if not self.options.fork and self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with status {self.proc.returncode} before listening:\n"
-                    + self.output()
-                )
-            if not self.socket.exists():
-                return False
-            # The reference server renames its socket into place once listening; qemu-nbd
-            # binds the final path, so also wait for the listening state there.
-            return SERVER == "reference" or _listening(self.socket)
-
-        wait_until(ready, f"{SERVER} to listen on {self.socket.name}")
-
-    def running(self) -> bool:
-        if self.daemon_pid is not None:
-            return _alive(self.daemon_pid)
-        return self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
+            self.read_pid_file(self.options.pid_file, TIMEOUT)
+        self.wait_listening(self.socket, TIMEOUT)
 
     def wait_exit(self, timeout: float = TIMEOUT) -> int | None:
         """Wait for the server to exit; its exit status (None for an adopted daemon)."""
-        if self.daemon_pid is None:
-            return self.proc.wait(timeout)
-        daemon = self.daemon_pid
-        wait_until(lambda: not _alive(daemon), "the daemon to exit", timeout)
-        return None
+        return super().wait_exit(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = TIMEOUT) -> None:
         """Terminate, wait with a deadline, then kill: always by PID."""
-        if not self.running():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.signal(signal.SIGTERM)
-        try:
-            self.wait_exit(TIMEOUT)
-        except (TimeoutError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self.wait_exit(TIMEOUT)
+        super().stop(timeout)
 
     def __enter__(self) -> Server:
         return self
@@ -462,7 +319,7 @@ def start_server(image: Path | None = None, **options: Any) -> Server:
     opts = ServerOptions(image=image, **options)
     with contextlib.suppress(FileNotFoundError):
         opts.socket.unlink()
-    argv = PROFILES[SERVER](opts)
+    argv = PEERS[SERVER](opts.serve_options())
     require_program(argv[0])
     server = Server(opts, argv)
     server.wait_ready()

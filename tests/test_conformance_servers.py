@@ -8,8 +8,9 @@ import socket
 import pytest
 
 from conformance.data import pattern
-from conformance.servers.base import ProfileCannotDo, ServerConfig, unix_socket_listening
+from conformance.servers.base import ProfileCannotDo, ServerConfig
 from conformance.servers.command import CommandProfile
+from conformance.servers.process import unix_socket_listening
 from conformance.servers.uri import NbdUri, parse_uri
 from conformance.spec import SpecViolation, expect_data, expect_equal, expect_nbd_error
 

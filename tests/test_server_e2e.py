@@ -16,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,31 +25,39 @@ from pathlib import Path
 import nbd  # libnbd's bindings, from Debian's python3-libnbd
 import pytest
 
-from tests.processes import die_with_parent, stop, wait_until
+from conformance.servers.peers import REPO_ROOT as REPO
+from conformance.servers.peers import ServeOptions, qemu_nbd_argv, reference_argv
+from conformance.servers.process import ServerProcess, stop_pid, with_pythonpath
+from tests.processes import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
 PROG = "nbd-reference-server"
 DEADLINE = 10.0
 # How long a client beyond the connection limit is given to be served: qemu-nbd
 # leaves it waiting in the listen backlog rather than refusing it.
 NOT_SERVED_WITHIN = 1.5
 DISK_SIZE = 1 << 20
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+ENV = with_pythonpath(REPO)
 
 
 @dataclass
 class Server:
     kind: str
-    proc: subprocess.Popen[bytes]
     sock: Path
     log: Path
+    process: ServerProcess | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.process is not None, "a server this test did not start"
+        return self.process.process
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
 
 
-def ours_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "reference_server", *args]
+def ours_command(sock: Path, *args: str) -> list[str]:
+    """The reference server on SOCK with ARGS, the command line under test."""
+    return reference_argv(ServeOptions(socket=sock, extra=args))
 
 
 @pytest.fixture
@@ -62,30 +69,21 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., Server]]:
         sock = tmp_path / f"{name}.sock"
         log = tmp_path / f"{name}.log"
         if kind == "ours":
-            cmd = ours_command("-k", str(sock), *args)
+            cmd = ours_command(sock, *args)
         else:
             if shutil.which("qemu-nbd") is None:
                 pytest.skip("qemu-nbd is not installed")
-            cmd = ["qemu-nbd", "-f", "raw", "-k", str(sock), *args]
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                env=ENV,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                preexec_fn=die_with_parent,
-            )
-        server = Server(kind, proc, sock, log)
+            cmd = qemu_nbd_argv(ServeOptions(socket=sock, extra=args))
+        process = ServerProcess(cmd, log_path=log, env=ENV, cwd=REPO)
+        server = Server(kind, sock, log, process)
         started.append(server)
-        wait_until(lambda: sock.exists() or proc.poll() is not None, f"{name} to listen")
-        assert proc.poll() is None, f"{name} exited early: {server.stderr()}"
+        process.wait_listening(sock, DEADLINE)
         return server
 
     yield _launch
     for server in started:
-        stop(server.proc)
+        assert server.process is not None
+        server.process.stop()
     for server in started:
         if server.kind == "ours":
             assert "Traceback" not in server.stderr(), server.stderr()
@@ -292,8 +290,8 @@ def test_disc_after_pipelined_writes_completes_them_all(
 def test_fork_with_pid_file(tmp_path: Path) -> None:
     sock = tmp_path / "fork.sock"
     pid_file = tmp_path / "server.pid"
-    cmd = ours_command(
-        "--fork", "--pid-file", str(pid_file), "-t", "-k", str(sock), "--memory", "1M"
+    cmd = reference_argv(
+        ServeOptions(socket=sock, memory="1M", persistent=True, fork=True, pid_file=pid_file)
     )
     done = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, timeout=30, check=False)
     pid = int(pid_file.read_text()) if pid_file.exists() else 0
@@ -303,37 +301,16 @@ def test_fork_with_pid_file(tmp_path: Path) -> None:
         assert sock.exists(), "socket missing when --fork returned"
         assert pid > 1, "no PID in the pid file"
         os.kill(pid, 0)  # the daemon runs
-        h = connect(Server("ours", None, sock, tmp_path / "none"))  # type: ignore[arg-type]
+        h = connect(Server("ours", sock, tmp_path / "none"))
         h.pwrite(b"forked", 0)
         assert h.pread(6, 0) == b"forked"
         h.shutdown()
         del h
     finally:
         if pid > 1:
-            _stop_daemon(pid)
+            assert stop_pid(pid, DEADLINE) != signal.SIGKILL, "the daemon ignored SIGTERM"
     assert not pid_file.exists(), "pid file left behind"
     assert not sock.exists(), "socket left behind"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _stop_daemon(pid: int) -> None:
-    """Stop a process that is not our child: signal it and poll until it is gone."""
-    if not _alive(pid):
-        return
-    os.kill(pid, signal.SIGTERM)
-    try:
-        wait_until(lambda: not _alive(pid), f"PID {pid} to exit after SIGTERM")
-    except AssertionError:
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not _alive(pid), f"PID {pid} to exit after SIGKILL")
-        raise
 
 
 def test_trace_file_shows_the_session(launch: Callable[..., Server], tmp_path: Path) -> None:
@@ -373,7 +350,7 @@ def test_bad_command_line_exits_nonzero_with_a_short_message(
     argv = [a.format(disk=disk, tmp=tmp_path) for a in args]
     sock = tmp_path / "never.sock"
     done = subprocess.run(
-        ours_command("-k", str(sock), *argv),
+        ours_command(sock, *argv),
         cwd=REPO,
         env=ENV,
         capture_output=True,

@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.processes import die_with_parent, stop, wait_until
+from conformance.servers.peers import ServeOptions, reference_argv
+from conformance.servers.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTY = REPO / "tests" / "broken_servers" / "faulty.py"
@@ -85,16 +86,17 @@ def run_suite(tmp_path: Path, *args: str, workers: int | None = 2) -> Run:
 @contextlib.contextmanager
 def running(argv: list[str], socket_path: Path, log: Path) -> Any:
     """A server process listening on SOCKET_PATH, stopped by PID at the end."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
+    server = ServerProcess(argv, log_path=log, cwd=REPO)
     try:
-        wait_until(lambda: socket_path.exists() or proc.poll() is not None, "the server", 20)
-        assert proc.poll() is None, log.read_text()
-        yield proc
+        server.wait_listening(socket_path, 20)
+        yield server.process
     finally:
-        stop(proc)
+        server.stop()
+
+
+def reference(sock: Path, **options: Any) -> list[str]:
+    """The reference server on SOCK, persistent, without a connection limit."""
+    return reference_argv(ServeOptions(socket=sock, persistent=True, shared=0, **options))
 
 
 def uri(socket_path: Path) -> str:
@@ -113,8 +115,7 @@ def test_whole_suite_against_a_writable_uri_changes_no_byte(tmp_path: Path) -> N
     image.write_bytes(os.urandom(64 * MiB))
     before = sha256(image)
     sock = tmp_path / "nbd.sock"
-    server = [sys.executable, "-m", "reference_server", "-k", str(sock), "-t", "-e", "0"]
-    with running([*server, "-f", "raw", str(image)], sock, tmp_path / "server.log"):
+    with running(reference(sock, image=image), sock, tmp_path / "server.log"):
         run = run_suite(tmp_path, "conformance", "--uri", uri(sock), "--allow-disruptive")
     assert sha256(image) == before, "the export changed without --allow-writes"
     outcomes = run.outcomes()
@@ -130,8 +131,7 @@ def test_whole_suite_against_a_writable_uri_changes_no_byte(tmp_path: Path) -> N
 
 def test_disruptive_checks_are_left_out_against_a_uri(tmp_path: Path) -> None:
     sock = tmp_path / "nbd.sock"
-    server = [sys.executable, "-m", "reference_server", "-k", str(sock), "-t", "-e", "0"]
-    with running([*server, "--memory", "64M"], sock, tmp_path / "server.log"):
+    with running(reference(sock, memory="64M"), sock, tmp_path / "server.log"):
         run = run_suite(tmp_path, HANDSHAKE, "conformance/test_cves.py", "--uri", uri(sock))
     assert run.returncode == 0, run.output[-4000:]
     assert run.check(KILLER)["outcome"] == "not-run"

@@ -9,18 +9,16 @@ must hold even when the fixtures are broken).
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conformance import tlsutil
-from conformance.servers.base import unix_socket_listening
+from conformance.servers.peers import ServeOptions, qemu_nbd_argv
+from conformance.servers.process import ServerProcess
 from conformance.spec import SpecViolation
 from conformance.wire import (
     AllocationState,
@@ -146,36 +144,20 @@ def test_read_reassembly_rejects_overlap_gaps_and_escapes() -> None:
 # ------------------------------------------------------- against qemu-nbd
 
 
-def _start_qemu(tmp_path: Path, *extra: str) -> Iterator[Path]:
+def _start_qemu(tmp_path: Path, tls_dir: Path | None = None) -> Iterator[Path]:
     if shutil.which("qemu-nbd") is None:
         pytest.skip("qemu-nbd is not installed")
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(SIZE)
     sock = tmp_path / "nbd.sock"
-    log = open(tmp_path / "qemu-nbd.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        ["qemu-nbd", "-k", str(sock), "-f", "raw", "-t", "-e", "0", *extra, str(image)],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    options = ServeOptions(socket=sock, image=image, persistent=True, shared=0, tls_dir=tls_dir)
+    server = ServerProcess(qemu_nbd_argv(options), log_path=tmp_path / "qemu-nbd.log")
     try:
-        deadline = time.monotonic() + 15
-        # qemu-nbd creates the socket at bind(), before listen(): wait for listening.
-        while not unix_socket_listening(str(sock)):
-            assert proc.poll() is None, (tmp_path / "qemu-nbd.log").read_text()
-            assert time.monotonic() < deadline, "qemu-nbd did not start listening"
-            time.sleep(0.01)
+        server.wait_listening(sock, 15)
         yield sock
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
+        server.stop()
 
 
 @pytest.fixture
@@ -186,8 +168,7 @@ def qemu(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def qemu_tls(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     creds = tlsutil.generate(tmp_path / "tls").directory
-    obj = f"tls-creds-x509,id=tls0,dir={creds},endpoint=server"
-    for sock in _start_qemu(tmp_path, "--object", obj, "--tls-creds", "tls0"):
+    for sock in _start_qemu(tmp_path, tls_dir=creds):
         yield sock, creds
 
 

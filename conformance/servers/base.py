@@ -9,10 +9,7 @@ sockets (:meth:`Server.open_socket`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -22,6 +19,8 @@ from typing import Any
 
 from conformance.client import close_handle, open_handle
 from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
+from conformance.servers.peers import ServeOptions
+from conformance.servers.process import ServerProcess, describe_exit
 from conformance.target import Target, unix_target
 
 MiB = 1024 * 1024
@@ -76,31 +75,6 @@ class Deviation:
 
 class ProfileCannotDo(Exception):
     """The profile cannot put its server in the requested configuration."""
-
-
-def unix_socket_listening(path: str) -> bool:
-    """True once a Unix socket at PATH is listening.
-
-    Looking beats probing: a probe connection counts against connection
-    limits and makes servers without ``--persistent`` exit.  Linux lists
-    bound sockets in /proc/net/unix by the path they were bound to; a server
-    that binds under a temporary name and renames it into place once
-    listening (as the reference server does) is ready when the path exists.
-    """
-    bound_here = False
-    try:
-        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
-            next(f)
-            for line in f:
-                fields = line.split()
-                # Num RefCount Protocol Flags Type St Inode [Path]
-                if len(fields) >= 8 and fields[7] == path:
-                    bound_here = True
-                    if int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON: listening
-                        return True
-    except OSError:
-        pass
-    return not bound_here and os.path.exists(path)
 
 
 class Server:
@@ -207,35 +181,12 @@ class Server:
         return None
 
 
-def describe_exit(status: int | None) -> str:
-    """'the server crashed (signal 11, SIGSEGV)' for a returncode of -11."""
-    if status is None:
-        return "the server exited"
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = "unknown signal"
-        verb = "was killed" if -status in (signal.SIGTERM, signal.SIGKILL) else "crashed"
-        return f"the server {verb} (signal {-status}, {name})"
-    return f"the server exited with status {status}"
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the process that started it dies.
-
-    A pytest worker killed mid-check runs no teardown; without this its servers
-    would outlive it.  Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 class LocalServer(Server):
-    """A server process the suite started; stopped by its PID."""
+    """A server process the suite started (:mod:`conformance.servers.process`); stopped by PID.
+
+    With ``pid_file`` the process daemonises (nbd-server): it is followed, and
+    stopped, through the PID file it writes.
+    """
 
     def __init__(
         self,
@@ -245,39 +196,45 @@ class LocalServer(Server):
         log_path: Path,
         env: dict[str, str] | None = None,
         cwd: str | None = None,
+        pid_file: Path | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.argv = list(argv)
         self._stopping = False
         self._exit_expected = False
         self.workdir = workdir
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
+        self.pid_file = pid_file
+        # Its own session: a check's signals to the suite never reach it.
+        self.server_process = ServerProcess(
+            argv, log_path=log_path, env=env, cwd=cwd, new_session=True
         )
 
+    @property
+    def argv(self) -> list[str]:
+        return self.server_process.argv
+
+    @property
+    def log_path(self) -> Path:
+        return self.server_process.log_path
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The process the suite started (for a daemon: its launcher)."""
+        return self.server_process.process
+
+    @property
+    def daemon_pid(self) -> int | None:
+        return self.server_process.daemon_pid
+
     def log_tail(self, limit: int = 2000) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return text[-limit:]
+        return self.server_process.log_tail(limit)
 
     def is_running(self) -> bool:
-        return self.process.poll() is None
+        return self.server_process.running()
 
     def exit_status(self) -> int | None:
         """The process's returncode (negative: killed by that signal), once it ended."""
-        return self.process.poll()
+        return self.server_process.exit_status()
 
     def expect_exit(self) -> None:
         self._exit_expected = True
@@ -293,33 +250,15 @@ class LocalServer(Server):
         """Wait until the Unix socket listens; fail with the server's output if it died."""
         assert self.socket_path is not None
         deadline = time.monotonic() + timeout
-        delay = 0.002
-        while not unix_socket_listening(self.socket_path):
-            if not self.is_running():
-                raise RuntimeError(
-                    f"{self.argv[0]} exited before listening: {' '.join(self.argv)}\n"
-                    f"{self.log_tail()}"
-                )
-            if time.monotonic() >= deadline:
-                raise RuntimeError(
-                    f"{self.argv[0]} not listening on {self.socket_path} "
-                    f"after {timeout}s\n{self.log_tail()}"
-                )
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        if self.pid_file is not None:
+            self.server_process.follow_daemon(self.pid_file, timeout)
+        left = max(0.1, deadline - time.monotonic())
+        self.server_process.wait_listening(self.socket_path, left)
 
     def stop(self) -> None:
         self._stopping = True
         super().stop()
-        proc = self.process
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self._log.close()
+        self.server_process.stop()
 
 
 class Profile:
@@ -350,6 +289,27 @@ class Profile:
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         raise NotImplementedError
+
+    def serve_options(
+        self, config: ServerConfig, socket_path: str, tls_dir: str | None, **peer: Any
+    ) -> ServeOptions:
+        """CONFIG in the harness's terms, for a built-in peer's command line.
+
+        Always persistent: checks connect more than once.  ``shared=None``
+        becomes 0, unlimited (qemu-nbd's own default would be 1).  PEER adds
+        what only that server needs (an image file, a RAM disk's size).
+        """
+        return ServeOptions(
+            socket=socket_path,
+            read_only=config.read_only,
+            shared=0 if config.shared is None else config.shared,
+            persistent=True,
+            export_name=config.export_name,
+            description=config.description,
+            tls_dir=tls_dir if config.tls else None,
+            minimum_block_size=config.minimum_block_size,
+            **peer,
+        )
 
     def env(self) -> dict[str, str] | None:
         return None

@@ -8,10 +8,6 @@ followed, and stopped, through the PID file it writes.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,74 +16,11 @@ from conformance.servers.base import (
     LocalServer,
     Profile,
     ProfileCannotDo,
-    Server,
     ServerConfig,
 )
 
 #: nbd-server names exports after config sections; the default export needs a name.
 DEFAULT_EXPORT = "conformance"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-class DaemonServer(LocalServer):
-    """A server that daemonises; its PID comes from its PID file."""
-
-    def __init__(self, argv: list[str], *, pid_file: Path, **kwargs: Any) -> None:
-        self.pid_file = pid_file
-        self.daemon_pid: int | None = None
-        super().__init__(argv, **kwargs)
-
-    def is_running(self) -> bool:
-        return self.daemon_pid is not None and _alive(self.daemon_pid)
-
-    def exit_status(self) -> int | None:
-        return None  # the daemon is not our child: its status is not ours to read
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        try:
-            status = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{self.argv[0]} did not daemonise\n{self.log_tail()}") from None
-        if status != 0:
-            raise RuntimeError(f"{self.argv[0]} exited with status {status}\n{self.log_tail()}")
-        while self.daemon_pid is None:
-            try:
-                text = self.pid_file.read_text()
-                if not text.endswith("\n"):  # still being written
-                    raise ValueError(text)
-                self.daemon_pid = int(text)
-            except (OSError, ValueError):
-                if time.monotonic() >= deadline:
-                    raise RuntimeError(
-                        f"{self.argv[0]} wrote no PID file\n{self.log_tail()}"
-                    ) from None
-                time.sleep(0.005)
-        super().wait_ready(max(0.1, deadline - time.monotonic()))
-
-    def stop(self) -> None:
-        self._stopping = True
-        Server.stop(self)
-        pid = self.daemon_pid
-        if pid is not None and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 5
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=5)
-        self._log.close()
 
 
 class NbdServer(Profile):
@@ -196,4 +129,4 @@ class NbdServer(Profile):
 
     def launch(self, argv: list[str], **kwargs: Any) -> LocalServer:
         # nbd-server forks away: follow it through its PID file.
-        return DaemonServer(argv, pid_file=kwargs["workdir"] / "nbd-server.pid", **kwargs)
+        return LocalServer(argv, pid_file=kwargs["workdir"] / "nbd-server.pid", **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conformance.servers.base import Deviation, Profile, ServerConfig
+from conformance.servers.peers import nbdkit_argv
 
 
 class Nbdkit(Profile):
@@ -48,33 +49,4 @@ class Nbdkit(Profile):
     def command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
-        argv = ["nbdkit", "-U", socket_path, "-f", "--exit-with-parent"]
-        if config.read_only:
-            argv.append("-r")
-        if config.tls:
-            assert tls_dir is not None
-            argv += ["--tls=require", f"--tls-certificates={tls_dir}"]
-        params: list[str] = []
-        if config.minimum_block_size != 1:
-            # blocksize-policy advertises the sizes and errors what breaks them.
-            argv.append("--filter=blocksize-policy")
-            params += [
-                f"blocksize-minimum={config.minimum_block_size}",
-                f"blocksize-preferred={max(4096, config.minimum_block_size)}",
-                "blocksize-maximum=33554432",
-                "blocksize-error-policy=error",
-            ]
-        if config.shared:
-            argv.append("--filter=limit")
-            params.append(f"limit={config.shared}")
-        if config.export_name or config.description is not None:
-            argv.append("--filter=exportname")
-            if config.export_name:
-                params += [
-                    "exportname-strict=true",
-                    "exportname-list=explicit",
-                    f"exportname={config.export_name}",
-                ]
-            if config.description is not None:
-                params.append(f"exportdesc=fixed:{config.description}")
-        return [*argv, "memory", str(config.size), *params]
+        return nbdkit_argv(self.serve_options(config, socket_path, tls_dir, memory=config.size))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conformance.servers.base import Deviation, Profile, ServerConfig
+from conformance.servers.peers import qemu_nbd_argv
 
 
 class QemuNbd(Profile):
@@ -69,30 +70,4 @@ class QemuNbd(Profile):
         image = workdir / "disk.img"
         with open(image, "wb") as f:
             f.truncate(config.size)
-        shared = 0 if config.shared is None else config.shared
-        argv = [
-            "qemu-nbd",
-            "-k",
-            socket_path,
-            "-f",
-            "raw",
-            "-t",
-            "-e",
-            str(shared),
-            "-x",
-            config.export_name,
-        ]
-        if config.read_only:
-            argv.append("-r")
-        if config.description is not None:
-            argv += ["-D", config.description]
-        if config.tls:
-            assert tls_dir is not None
-            argv += [
-                "--object",
-                f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server",
-                "--tls-creds",
-                "tls0",
-            ]
-        argv.append(str(image))
-        return argv
+        return qemu_nbd_argv(self.serve_options(config, socket_path, tls_dir, image=image))

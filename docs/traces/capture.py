@@ -44,18 +44,27 @@ import functools
 import os
 import re
 import shutil
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+if str(REPO) not in sys.path:  # run as a script: the server harness lives in conformance/
+    sys.path.insert(1, str(REPO))
+
+from conformance.servers.peers import ServeOptions, reference_argv  # noqa: E402
+from conformance.servers.process import (  # noqa: E402
+    ServerProcess,
+    ServerStartError,
+    with_pythonpath,
+)
+
 SERVER_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 SUFFIXES = (".session", ".trace", ".hex")
 START_TIMEOUT = 10.0
@@ -64,7 +73,11 @@ EXIT_TIMEOUT = 10.0
 
 # The commands run in the scratch directory that holds the socket.
 URI = "nbd+unix:///?socket=nbd.sock"
-SERVER_TAIL = ("-k", "nbd.sock", "--trace=server.trace")
+
+
+def served(**options: Any) -> ServeOptions:
+    """A 1 MiB RAM disk on ``nbd.sock``, tracing into ``server.trace`` (in the scratch dir)."""
+    return ServeOptions(socket="nbd.sock", trace="server.trace", memory="1M", **options)
 
 
 class CaptureError(Exception):
@@ -82,7 +95,7 @@ class Scenario:
     """
 
     name: str
-    server_args: tuple[str, ...]
+    server: ServeOptions
     clients: tuple[str, ...]
     setup: tuple[str, ...] = ()
     qemu_cookies: bool = False
@@ -111,12 +124,12 @@ TLS_SETUP = (
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "handshake",
-        ("--memory", "1M"),
+        served(),
         (f"nbdinfo '{URI}'",),
     ),
     Scenario(
         "options",
-        ("--memory", "1M", "-x", "disk", "-D", "a teaching disk"),
+        served(export_name="disk", description="a teaching disk"),
         (
             nbdsh(
                 'for name in ("missing", "disk"):\n'
@@ -139,7 +152,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "transmission",
-        ("--memory", "1M"),
+        served(),
         (
             nbdsh(
                 "h.set_request_structured_replies(False)",
@@ -159,7 +172,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "qemu-io",
-        ("--memory", "1M"),
+        served(),
         (
             f"qemu-io -f raw '{URI}'"
             " -c 'write -q -P 0xab 0 64k' -c 'read -q -P 0xab 0 64k' -c 'flush'",
@@ -168,7 +181,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "structured",
-        ("--memory", "1M"),
+        served(),
         (
             nbdsh(
                 'h.pwrite(b"x" * 4096, 0)',
@@ -183,7 +196,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "block-status",
-        ("--memory", "1M"),
+        served(),
         (
             nbdsh(
                 'h.pwrite(b"x" * 196608, 131072)',
@@ -202,7 +215,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "multi-conn",
-        ("--memory", "1M", "--shared", "3"),
+        served(shared=3),
         (
             nbdsh(
                 "a, b, c = (nbd.NBD() for _ in range(3))",
@@ -218,7 +231,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "single-conn",
-        ("--memory", "1M"),
+        served(),
         (
             nbdsh(
                 "a, b = nbd.NBD(), nbd.NBD()",
@@ -235,7 +248,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     ),
     Scenario(
         "tls",
-        ("--memory", "1M", "--shared", "2", "--tls-creds", "pki"),
+        served(shared=2, tls_dir="pki"),
         (
             nbdsh(
                 "h.set_opt_mode(True)",
@@ -282,52 +295,29 @@ def _shell(command: str, workdir: Path) -> subprocess.CompletedProcess[str]:
         raise CaptureError(f"this command did not finish in {CLIENT_TIMEOUT}s:\n{command}") from exc
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the server by its PID: SIGTERM, a bounded wait, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise CaptureError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 @dataclasses.dataclass
 class RunningServer:
-    proc: subprocess.Popen[bytes]
+    process: ServerProcess
     socket_path: Path
     trace_path: Path
-    log_path: Path
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.log_text()
 
 
-def start_server(args: tuple[str, ...], workdir: Path) -> RunningServer:
-    """The reference server on ``nbd.sock``, tracing into ``server.trace``, in WORKDIR."""
-    sock, trace, log = workdir / "nbd.sock", workdir / "server.trace", workdir / "server.log"
-    argv = [SERVER_PYTHON, "-m", "reference_server", *args, *SERVER_TAIL]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(log, "wb") as log_file:
-        proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=log_file, stderr=log_file)
-    server = RunningServer(proc, sock, trace, log)
+def start_server(options: ServeOptions, workdir: Path) -> RunningServer:
+    """The reference server as OPTIONS say, run in WORKDIR (where its paths are)."""
+    assert options.trace is not None
+    argv = reference_argv(options, python=SERVER_PYTHON)
+    process = ServerProcess(
+        argv, log_path=workdir / "server.log", env=with_pythonpath(REPO), cwd=workdir
+    )
+    server = RunningServer(process, workdir / options.socket, workdir / options.trace)
     try:
-        _wait_for(lambda: sock.exists() or proc.poll() is not None, START_TIMEOUT, "the socket")
-    except CaptureError:
-        _stop(proc)
-        raise
-    if proc.poll() is not None:
-        raise CaptureError(f"the server exited with status {proc.returncode}: {server.log()}")
+        process.wait_listening(server.socket_path, START_TIMEOUT)
+    except ServerStartError as exc:
+        process.stop()
+        raise CaptureError(str(exc)) from None
     return server
 
 
@@ -338,9 +328,11 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _display_server(args: tuple[str, ...]) -> str:
+def _display_server(options: ServeOptions) -> str:
+    """The server's command line as a reader would type it (the installed script's name)."""
+    args = reference_argv(options)[3:]  # what follows "python -m reference_server"
     shown = " ".join(f'"{a}"' if " " in a else a for a in args)
-    return f"nbd-reference-server {shown} {' '.join(SERVER_TAIL)} &"
+    return f"nbd-reference-server {shown} &"
 
 
 def run_scenario(scenario: Scenario, workdir: Path) -> dict[str, str]:
@@ -352,9 +344,9 @@ def run_scenario(scenario: Scenario, workdir: Path) -> dict[str, str]:
             raise CaptureError(f"{scenario.name}: setup failed: {result.stderr.strip()}")
         session.extend(f"$ {command}\n" for command in scenario.setup)
         session.append(result.stdout)
-    server = start_server(scenario.server_args, workdir)
+    server = start_server(scenario.server, workdir)
     try:
-        session.append(f"$ {_display_server(scenario.server_args)}\n")
+        session.append(f"$ {_display_server(scenario.server)}\n")
         for command in scenario.clients:
             result = _shell(command, workdir)
             if result.returncode:
@@ -366,13 +358,13 @@ def run_scenario(scenario: Scenario, workdir: Path) -> dict[str, str]:
                 )
             session.append(f"$ {command}\n{result.stdout}")
         try:
-            server.proc.wait(timeout=EXIT_TIMEOUT)
+            server.process.wait_exit(EXIT_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise CaptureError(
                 f"{scenario.name}: the server did not exit after its last client"
             ) from None
     finally:
-        _stop(server.proc)
+        server.process.stop()
     trace = sort_goodbyes(server.trace_path.read_text())
     if scenario.qemu_cookies:
         trace = renumber_cookies(trace)
@@ -602,7 +594,7 @@ def _option_reply(client: RawClient, dump: Dump) -> int:
 
 def raw_session(workdir: Path) -> dict[str, str]:
     """Greeting, NBD_OPT_GO, a write and a read, byte by byte."""
-    server = start_server(("--memory", "1M", "-x", "disk"), workdir)
+    server = start_server(served(export_name="disk"), workdir)
     handshake, transmission = Dump(), Dump()
     try:
         client = RawClient(server.socket_path)
@@ -655,11 +647,11 @@ def raw_session(workdir: Path) -> dict[str, str]:
             _transmission(client, transmission)
         finally:
             client.close()
-        server.proc.wait(timeout=EXIT_TIMEOUT)
+        server.process.wait_exit(EXIT_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise CaptureError("raw session: the server did not exit after its client") from None
     finally:
-        _stop(server.proc)
+        server.process.stop()
     return {
         "raw-handshake.hex": handshake.text(),
         "raw-transmission.hex": transmission.text(),

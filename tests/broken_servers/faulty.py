@@ -21,33 +21,31 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as a script: the server harness lives in conformance/
+    sys.path.insert(1, str(REPO))
+
+from conformance.servers.peers import ServeOptions, reference_argv  # noqa: E402
+from conformance.servers.process import ServerProcess, ServerStartError  # noqa: E402
 
 
-def die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def start_real_server(options: list[str], inner: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "reference_server", "-k", inner, *options]
-    proc = subprocess.Popen(argv, cwd=REPO, preexec_fn=die_with_parent)
-    deadline = time.monotonic() + 15
-    while not os.path.exists(inner):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"faulty: the reference server did not start: {argv}")
-        time.sleep(0.01)
-    return proc
+def start_real_server(options: list[str], inner: str) -> ServerProcess:
+    """The reference server on INNER with OPTIONS; it dies with this process."""
+    argv = reference_argv(ServeOptions(socket=inner, extra=tuple(options)))
+    server = ServerProcess(argv, log_path=Path(inner + ".log"), cwd=REPO)
+    try:
+        server.wait_listening(inner, 15)
+    except ServerStartError as exc:
+        server.stop()
+        sys.exit(f"faulty: the reference server did not start: {exc}")
+    return server
 
 
 def pump(source: socket.socket, sink: socket.socket, trigger: bytes | None) -> None:
