@@ -52,6 +52,8 @@ from conformance.verdict import NotRun, NotRunReason, Verdict, decide
 
 #: Seconds a single check may take before pytest-timeout ends it.
 CHECK_TIMEOUT = 60
+#: Seconds a failed check waits for its server to finish dying (a crash being dumped).
+CRASH_GRACE = 3.0
 #: The name the plugin object is registered under.
 PLUGIN_NAME = "nbd-conformance"
 
@@ -262,11 +264,14 @@ class ConformancePlugin:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Any:
         """A server started for this check that ended during it fails the check."""
+        failed = True
         try:
-            return (yield)
+            result = yield
+            failed = False
+            return result
         finally:
             for server in item.stash.get(SERVERS, []):
-                how = server.unexpected_exit()
+                how = server.unexpected_exit(grace=CRASH_GRACE if failed else 0.0)
                 if how is not None:
                     server.expect_exit()  # reported once, here
                     raise ServerCrashed(how)

@@ -170,7 +170,7 @@ def test_server_started_per_check_that_crashes_fails_that_check(tmp_path: Path) 
     run = run_suite(tmp_path, HANDSHAKE, "--server-cmd", template)
     assert run.returncode == 1, run.output[-4000:]
     killer = run.check(KILLER)
-    assert killer["outcome"] == "failed", killer
+    assert killer["outcome"] == "failed", (killer["message"], run.output[-3000:])
     assert "the server crashed (signal 6, SIGABRT) during the check" in killer["message"]
     assert f"faulty: aborting on the bytes {BAD_MAGIC}" in killer["message"], killer
     others = {c: o for c, o in run.outcomes().items() if c != KILLER}

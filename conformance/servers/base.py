@@ -173,12 +173,33 @@ class Server:
     def expect_exit(self) -> None:
         """The running check is about to make the server exit (a shutdown check)."""
 
-    def unexpected_exit(self) -> str | None:
+    def unexpected_exit(self, grace: float = 0.0) -> str | None:
         """How the server ended, if it did so on its own; None while it runs.
 
-        Only servers the suite started can say (see :class:`LocalServer`).
+        GRACE: seconds to wait for a server that is ending to be gone (when the
+        check failed, its failure may be the first sign of a crash).  Only
+        servers the suite started can say (see :class:`LocalServer`).
         """
         return None
+
+
+#: Linux task flags (include/linux/sched.h) of a process on its way out.
+_PF_EXITING = 0x4
+_PF_DUMPCORE = 0x200
+_PF_SIGNALED = 0x400
+
+
+def _ending(pid: int) -> bool:
+    """True while PID is exiting: killed by a signal, dumping core, closing its files."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    # After the command: state (0), ppid, pgrp, session, tty, tpgid, flags (6).
+    return fields[0] in ("Z", "X") or bool(
+        int(fields[6]) & (_PF_EXITING | _PF_DUMPCORE | _PF_SIGNALED)
+    )
 
 
 class LocalServer(Server):
@@ -239,9 +260,15 @@ class LocalServer(Server):
     def expect_exit(self) -> None:
         self._exit_expected = True
 
-    def unexpected_exit(self) -> str | None:
-        if self._stopping or self._exit_expected or self.is_running():
+    def unexpected_exit(self, grace: float = 0.0) -> str | None:
+        if self._stopping or self._exit_expected:
             return None
+        # A crash still under way (a core being dumped) is given GRACE seconds to end.
+        deadline = time.monotonic() + grace
+        while self.is_running():
+            if time.monotonic() >= deadline or not _ending(self.server_process.pid):
+                return None
+            time.sleep(0.02)
         tail = self.log_tail().rstrip()
         log = f"; its log ends:\n{tail}" if tail else "; its log is empty"
         return f"{describe_exit(self.exit_status())} during the check{log}"
