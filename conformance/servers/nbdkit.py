@@ -49,6 +49,12 @@ class Nbdkit(Profile):
             "nbdkit 1.32 answers an unknown command with a simple NBD_EINVAL reply even when "
             "structured replies were negotiated",
         ),
+        Deviation(
+            "test_each_information_type_is_sent_once",
+            "Values / Handshake phase / Option reply types / NBD_REP_INFO",
+            "nbdkit 1.32 sends NBD_INFO_NAME and NBD_INFO_DESCRIPTION once per request: a client "
+            "asking for them twice gets each twice",
+        ),
     )
 
     def command(
