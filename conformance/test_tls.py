@@ -236,3 +236,58 @@ def test_tls_1_2_is_supported(tls_server):
             expect(False, "TLS 1.2 handshake", "success", repr(exc))
         expect_equal(client.sock.version(), "TLSv1.2", "negotiated TLS version")
         expect_equal(client.go(s.export_name(tls_server)).type.name, "ACK", "GO over TLS 1.2")
+
+
+# ------------------------------------------------------------------ NOTLS mode
+
+NOTLS = "TLS support / Server-side requirements / NOTLS mode"
+
+
+@contextlib.contextmanager
+def notls(server):
+    """Option haggling with a server the suite runs without TLS (NOTLS mode is baseline)."""
+    if s.tls_context(server) is not None:
+        pytest.skip("the server under test requires TLS; NOTLS mode is checked without it")
+    with in_clear(server) as client:
+        yield client
+
+
+@spec(
+    NOTLS,
+    MUST,
+    "If the server receives `NBD_OPT_STARTTLS` it MUST respond with `NBD_REP_ERR_POLICY` (if it "
+    "does not support TLS for policy reasons), `NBD_REP_ERR_UNSUP` (if it does not support the "
+    "`NBD_OPT_STARTTLS` option at all) or another error explicitly permitted by this document.",
+)
+def test_starttls_without_tls_gets_policy_or_unsup(server):
+    """A server started without TLS credentials refuses STARTTLS, and haggling goes on in
+    clear: NBD_OPT_GO still succeeds."""
+    with notls(server) as client:
+        result = client.option(Opt.STARTTLS)
+        expect(
+            result.type in (Rep.ERR_POLICY, Rep.ERR_UNSUP),
+            "reply to NBD_OPT_STARTTLS in NOTLS mode",
+            "NBD_REP_ERR_POLICY or NBD_REP_ERR_UNSUP",
+            result.describe(),
+        )
+        go = client.go(s.export_name(server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO after a refused STARTTLS")
+
+
+@spec(NOTLS, MUST, "The server MUST NOT respond to any option request with `NBD_REP_ERR_TLS_REQD`.")
+def test_notls_server_never_answers_tls_reqd(server):
+    """Every option, known or not (and STARTTLS), on one connection: no NBD_REP_ERR_TLS_REQD."""
+    with notls(server) as client:
+        name = s.export_name(server)
+        for option in (Opt.STARTTLS, *CLEAR_OPTIONS):
+            if option == Opt.GO:
+                continue  # last: it ends option haggling
+            result = client.option(option, _payload(option, name))
+            expect(
+                result.type != Rep.ERR_TLS_REQD,
+                f"reply to {option.name} in NOTLS mode",
+                "anything but NBD_REP_ERR_TLS_REQD",
+                result.describe(),
+            )
+        result = client.option(Opt.GO, _payload(Opt.GO, name))
+        expect_equal(result.type.name, "ACK", "reply to NBD_OPT_GO in NOTLS mode")
