@@ -84,7 +84,9 @@ def test_each_information_type_is_sent_once(described_server, option):
     """Every type asked for twice (and NBD_INFO_EXPORT asked for explicitly): each at most once."""
     infos = (Info.NAME, Info.BLOCK_SIZE, Info.DESCRIPTION, Info.EXPORT) * 2
     with _negotiated(described_server) as client:
-        result = client.option(option, m.pack_name_and_infos(NAME.encode(), infos))
+        result = client.option(
+            option, m.pack_name_and_infos(s.export_name(described_server), infos)
+        )
         expect_equal(result.type.name, "ACK", f"{option.name} asking for each type twice")
         sent = [i.type.name for i in result.infos]
         twice = sorted({t for t in sent if sent.count(t) > 1})
@@ -255,7 +257,7 @@ def _server_strings(server) -> list[tuple[str, bytes]]:
                 if details:
                     found += [("the details of NBD_REP_SERVER", details)]
         infos = (Info.NAME, Info.DESCRIPTION)
-        result = client.option(Opt.INFO, m.pack_name_and_infos(NAME.encode(), infos))
+        result = client.option(Opt.INFO, m.pack_name_and_infos(s.export_name(server), infos))
         for reply in result.intermediate:
             kind = struct.unpack_from(">H", reply.data)[0] if len(reply.data) >= 2 else None
             if reply.type == Rep.INFO and kind in (Info.NAME, Info.DESCRIPTION):
@@ -264,7 +266,7 @@ def _server_strings(server) -> list[tuple[str, bytes]]:
             for queries in ((), (b"base:",)):
                 found += [
                     ("a context name in NBD_REP_META_CONTEXT", data[4:])
-                    for data in _context_replies(client, NAME.encode(), queries)
+                    for data in _context_replies(client, s.export_name(server), queries)
                 ]
     return found
 

@@ -177,7 +177,7 @@ def test_chunks_set_no_flag_but_done(server, mode):
         for answer in answers:
             for chunk in answer.chunks:
                 expect_equal(
-                    f"{int(chunk.flags) & ~ReplyFlag.DONE:#06x}",
+                    f"{int(chunk.flags) & ~int(ReplyFlag.DONE):#06x}",
                     "0x0000",
                     f"flags other than DONE on a {chunk.type.name} chunk ({answer.what})",
                 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import socket
 import ssl
@@ -32,6 +33,8 @@ from conformance.wire.constants import (
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
 )
+from tests.broken_servers.toy_nbd import Bugs as NotlsBugs
+from tests.broken_servers.toy_nbd import ToyServer as ToyNotls
 
 SIZE = 1 << 20
 
@@ -243,3 +246,131 @@ def test_client_flag_check_fails_when_unknown_flags_are_ignored(
         pytest.raises(SpecViolation, match="connection dropped"),
     ):
         checks.handshake.test_unknown_client_flag_drops_connection(server, 7)
+
+
+# ------------------------------------------------- a toy server in clear, bug by bug
+#
+# tests/broken_servers/toy_nbd.py serves NOTLS with one switchable bug per field of its
+# Bugs.  The raw-wire checks below run against it: all pass without a bug, and each bug
+# makes exactly the checks that guard against it fail (a check failing against everything
+# proves as little as one that never fails).
+
+TOY_CHECKS = {
+    # check ID: (module, function, arguments after the server)
+    "cookies/simple": (
+        "test_cookies",
+        "test_every_reply_path_echoes_the_whole_cookie",
+        ("simple",),
+    ),
+    "cookies/structured": (
+        "test_cookies",
+        "test_every_reply_path_echoes_the_whole_cookie",
+        ("structured",),
+    ),
+    "unknown-command": ("test_commands", "test_unknown_command_gets_einval", ("simple",)),
+    "unknown-command/structured": (
+        "test_commands",
+        "test_unknown_command_gets_einval",
+        ("structured",),
+    ),
+    "unknown-flag": ("test_commands", "test_unknown_command_flag_gets_einval", ("read",)),
+    "cache-flag": ("test_commands", "test_cache_with_unknown_flag_is_rejected", (1 << 13,)),
+    "disc-in-flight": ("test_commands", "test_disc_answers_requests_in_flight_then_closes", ()),
+    "disc-closes": ("test_commands", "test_disc_closes_the_connection", ()),
+    "chunk-flags": ("test_reply_chunks", "test_chunks_set_no_flag_but_done", ("structured",)),
+    "error-once": ("test_reply_chunks", "test_error_chunk_at_most_once_per_reply", ("structured",)),
+    "errors-structured": ("test_reply_chunks", "test_errors_are_sent_as_structured_replies", ()),
+    "done-last": ("test_reply_chunks", "test_no_chunk_follows_the_done_chunk", ("structured",)),
+    "unknown-info": (
+        "test_option_replies",
+        "test_unknown_information_requests_are_ignored",
+        (Opt.GO,),
+    ),
+    "info-once": ("test_option_replies", "test_each_information_type_is_sent_once", (Opt.INFO,)),
+    "no-nul": ("test_option_replies", "test_strings_the_server_sends_have_no_nul", ()),
+    "context-names": ("test_option_replies", "test_context_names_are_valid_strings", ((),)),
+    "list-ids-zero": ("test_option_replies", "test_listed_context_ids_are_zero", ((),)),
+    "notls-starttls": ("test_tls", "test_starttls_without_tls_gets_policy_or_unsup", ()),
+    "notls-no-tls-reqd": ("test_tls", "test_notls_server_never_answers_tls_reqd", ()),
+}
+
+# Every check that a bug's replies (with their 32-bit cookies) derail fails with it.
+BIG_COOKIES = {
+    "cookies/simple",
+    "cookies/structured",
+    "unknown-command",
+    "unknown-command/structured",
+    "unknown-flag",
+    "cache-flag",
+    "disc-in-flight",
+    "chunk-flags",
+    "error-once",
+    "errors-structured",
+    "done-last",
+}
+BUG_FAILS = {
+    "truncate_cookies": BIG_COOKIES,
+    "disc_drops_requests_in_flight": {"disc-in-flight"},
+    "disc_keeps_connection": {"disc-in-flight", "disc-closes"},
+    "unknown_command_succeeds": {"unknown-command", "unknown-command/structured"},
+    "ignore_unknown_flags": {"unknown-flag", "cache-flag"},
+    "extra_reply_flag": {"chunk-flags"},
+    "error_chunk_twice": {"error-once"},
+    "simple_errors_under_structured": {"errors-structured"},
+    "unknown_info_fails": {"unknown-info"},
+    "info_repeated": {"info-once"},
+    "nul_terminated_strings": {"no-nul", "context-names"},
+    "list_context_ids": {"list-ids-zero"},
+    "tls_reqd_in_notls": {"notls-starttls", "notls-no-tls-reqd"},
+}
+
+
+@pytest.fixture
+def toy_checks(request: pytest.FixtureRequest) -> dict[str, object]:
+    """{check ID: a callable running it on a server}, the modules imported as in ``checks``."""
+    known = " ".join(request.config.getini("markers"))
+    for marker in ("nbd_spec", "writes", "disruptive"):
+        if marker not in known:
+            request.config.addinivalue_line("markers", f"{marker}: conformance marker")
+    found = {}
+    for name, (module, function, args) in TOY_CHECKS.items():
+        check = getattr(importlib.import_module(f"conformance.{module}"), function)
+        found[name] = functools.partial(lambda c, a, server: c(server, *a), check, args)
+    return found
+
+
+def _failures(server: object, checks: dict[str, object]) -> dict[str, str]:
+    """{check ID: why} for every check that does not pass (UNSUPPORTED counts as not passing)."""
+    failed = {}
+    for name, run in checks.items():
+        try:
+            run(server)  # type: ignore[operator]
+        except pytest.skip.Exception as exc:
+            failed[name] = f"unsupported: {exc}"
+        except (SpecViolation, AssertionError, OSError, Exception) as exc:
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return failed
+
+
+def test_toy_notls_server_without_bugs_passes_the_checks(
+    tmp_path: Path, toy_checks: dict[str, object]
+) -> None:
+    server = ToyNotls(tmp_path, NotlsBugs())
+    try:
+        assert _failures(server, toy_checks) == {}
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("bug", sorted(BUG_FAILS))
+def test_each_bug_fails_exactly_its_checks(
+    tmp_path: Path, toy_checks: dict[str, object], bug: str
+) -> None:
+    server = ToyNotls(tmp_path, NotlsBugs(**{bug: True}))
+    try:
+        failed = _failures(server, toy_checks)
+    finally:
+        server.close()
+    assert set(failed) == BUG_FAILS[bug], failed
+    for name, why in failed.items():
+        assert why.startswith("SpecViolation"), (name, why)
