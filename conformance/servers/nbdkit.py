@@ -55,6 +55,12 @@ class Nbdkit(Profile):
             "nbdkit 1.32 sends NBD_INFO_NAME and NBD_INFO_DESCRIPTION once per request: a client "
             "asking for them twice gets each twice",
         ),
+        Deviation(
+            "test_options_during_shutdown_get_err_shutdown",
+            "Protocol phases / Handshake / Termination of the session during option haggling",
+            "nbdkit 1.32 goes on answering options normally after SIGTERM while a client is "
+            "connected (no NBD_REP_ERR_SHUTDOWN)",
+        ),
     )
 
     def command(
