@@ -74,6 +74,12 @@ class QemuNbd(Profile):
             "qemu-nbd 7.2 closes the connection at SIGTERM with READ replies still being sent: "
             "replies to requests in flight are cut short",
         ),
+        Deviation(
+            "test_tls_before_1_2_is_refused_by_default",
+            "TLS support / Security considerations / TLS versions",
+            "qemu-nbd 7.2 with its default TLS setup (GnuTLS's default priorities on Debian 12) "
+            "completes a TLS 1.1 handshake",
+        ),
     )
 
     def command(
