@@ -73,13 +73,16 @@ def tls_server(start_server):
     "request for `NBD_OPT_STRUCTURED_REPLY`, or metadata contexts from "
     "`NBD_OPT_SET_META_CONTEXT`) issued before this command.",
 )
-@pytest.mark.parametrize("state", ["structured-reply", "meta-context"])
+@pytest.mark.parametrize("state", ["structured-reply", "meta-context", "extended-headers"])
 def test_cve_2021_3716_plaintext_state_does_not_survive_starttls(tls_server, state):
-    """nbdkit kept NBD_OPT_STRUCTURED_REPLY negotiated in plaintext across STARTTLS."""
+    """nbdkit kept NBD_OPT_STRUCTURED_REPLY negotiated in plaintext across STARTTLS.  The same
+    for NBD_OPT_EXTENDED_HEADERS (the extension's version of the sentence names it)."""
     name = s.export_name(tls_server)
     client = s.connect(tls_server)
     try:
         client.negotiate()
+        if state == "extended-headers":
+            client.option(Opt.EXTENDED_HEADERS)
         client.option(Opt.STRUCTURED_REPLY)
         client.set_meta_context(name, (b"base:allocation",))
         expect_equal(
@@ -88,7 +91,7 @@ def test_cve_2021_3716_plaintext_state_does_not_survive_starttls(tls_server, sta
         if state == "meta-context" and client.structured_reply().type != Rep.ACK:
             unsupported("the server does not support NBD_OPT_STRUCTURED_REPLY")
         expect_equal(client.go(name).type.name, "ACK", "NBD_OPT_GO over TLS")
-        if state == "structured-reply":
+        if state in ("structured-reply", "extended-headers"):
             reply = client.read(0, 512)
             expect(
                 reply.is_simple,

@@ -385,3 +385,33 @@ def test_hard_disconnect_in_transmission_sends_close_notify(tls_server):
     shuts TLS down first (close_notify)."""
     how = _close_after(tls_server, "transmission")
     expect(how != "no close_notify", "the end of the session", "close_notify, then TCP close", how)
+
+
+@spec(
+    "Values / Handshake phase / Option types",
+    MUST,
+    "The server MUST either reply with `NBD_REP_ACK` after which point the connection is upgraded "
+    "to TLS, or an error reply explicitly permitted by this document (for example, "
+    "`NBD_REP_ERR_INVALID` if the client included data).",
+)
+def test_starttls_with_data_gets_ack_then_tls_or_a_permitted_error(tls_server):
+    """NBD_OPT_STARTTLS carrying data: NBD_REP_ACK followed by a working TLS handshake, or an
+    error the spec permits (NBD_REP_ERR_INVALID, as the example says).  After the error the
+    server MAY drop the connection: the client broke a MUST by sending data."""
+    ctx = s.require_tls_context(tls_server)
+    with in_clear(tls_server) as client:
+        result = client.option(Opt.STARTTLS, b"junk")
+        if not result.ok:
+            expect(
+                result.type in (Rep.ERR_INVALID, Rep.ERR_POLICY, Rep.ERR_UNSUP),
+                "reply to NBD_OPT_STARTTLS with data",
+                "NBD_REP_ACK or NBD_REP_ERR_INVALID (or ERR_POLICY, ERR_UNSUP)",
+                result.describe(),
+            )
+            return
+        try:
+            client.upgrade_tls(ctx)
+        except (ssl.SSLError, OSError) as exc:
+            expect(False, "TLS after NBD_REP_ACK to STARTTLS with data", "a TLS session", exc)
+        go = client.go(s.export_name(tls_server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO over TLS")
