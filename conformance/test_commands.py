@@ -23,7 +23,14 @@ from conformance.spec import (
     spec,
     unsupported,
 )
-from conformance.wire import Cmd, Disconnected, Errno, ProtocolViolation, TransmissionFlag
+from conformance.wire import (
+    Cmd,
+    CmdFlag,
+    Disconnected,
+    Errno,
+    ProtocolViolation,
+    TransmissionFlag,
+)
 from conformance.wire import messages as m
 from conformance.wire import session as s
 
@@ -298,3 +305,64 @@ def test_cache_changes_no_data(server):
         expect_data(reply.data(offset, length), want, "READ after a WRITE into a cached area")
     finally:
         client.close()
+
+
+# ------------------------------------------------------- advertised features work
+
+#: flag -> (what, command, command flags, offset, length, errors the spec lets it answer)
+FEATURES = {
+    TransmissionFlag.SEND_FLUSH: ("FLUSH", Cmd.FLUSH, 0, 0, 0, ()),
+    TransmissionFlag.SEND_FUA: ("WRITE with NBD_CMD_FLAG_FUA", Cmd.WRITE, CmdFlag.FUA, 0, 4096, ()),
+    TransmissionFlag.SEND_TRIM: ("TRIM", Cmd.TRIM, 0, 0, 4096, ()),
+    TransmissionFlag.SEND_WRITE_ZEROES: ("WRITE_ZEROES", Cmd.WRITE_ZEROES, 0, 0, 4096, ()),
+    TransmissionFlag.SEND_FAST_ZERO: (
+        "WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO",
+        Cmd.WRITE_ZEROES,
+        CmdFlag.FAST_ZERO,
+        0,
+        4096,
+        (Errno.ENOTSUP,),  # "MUST fail quickly with NBD_ENOTSUP unless ..."
+    ),
+    # "A server MAY advertise NBD_FLAG_SEND_CACHE even if the command has no effect or always
+    # fails with NBD_EINVAL".
+    TransmissionFlag.SEND_CACHE: ("CACHE", Cmd.CACHE, 0, 0, 4096, (Errno.EINVAL,)),
+}
+
+
+@spec(
+    "Values / Handshake phase / Flag fields / Transmission flags",
+    MUST,
+    "The server MUST NOT set the flag for features it does not support.",
+)
+@pytest.mark.writes
+@pytest.mark.parametrize("replies", ["simple", "structured"])
+def test_advertised_features_are_supported(server, replies):
+    """Every command an advertised flag announces (FLUSH, FUA, TRIM, WRITE_ZEROES, FAST_ZERO,
+    CACHE, DF), used as the spec describes, is served, not refused as unknown (NBD_EINVAL or
+    NBD_ENOTSUP), except where the spec names the refusal."""
+    with _session(server, replies) as (client, export):
+        if export.flags & TransmissionFlag.READ_ONLY:
+            unsupported("the export is read-only")
+        used = []
+        for flag, (what, cmd, flags, offset, length, allowed) in FEATURES.items():
+            if not export.flags & flag:
+                continue
+            payload = b"\x42" * length if cmd == Cmd.WRITE else b""
+            cookie = client.send_request(
+                cmd, offset, length, flags=flags, cookie=COOKIE - flag, payload=payload
+            )
+            error = _error_of(client, cookie, what)
+            expect(
+                error == Errno.OK or error in allowed,
+                f"{what} (advertised by NBD_FLAG_{flag.name})",
+                "success" + "".join(f" or {e.name}" for e in allowed),
+                error.name,
+            )
+            used.append(what)
+        if replies == "structured" and export.flags & TransmissionFlag.SEND_DF:
+            client.send_request(Cmd.READ, 0, 4096, flags=CmdFlag.DF, cookie=COOKIE)
+            error = _error_of(client, COOKIE, "READ with NBD_CMD_FLAG_DF")
+            expect_equal(error.name, "OK", "READ with NBD_CMD_FLAG_DF (advertised)")
+            used.append("DF")
+        if not used:
+            unsupported("the server advertises none of these features")
