@@ -17,7 +17,7 @@ import pytest
 
 from conformance.servers.base import ProfileCannotDo, ServerConfig
 from conformance.spec import MUST, SHOULD, SpecViolation, expect, expect_equal, spec, unsupported
-from conformance.wire import BASE_ALLOCATION, Disconnected, Errno, Info, Opt, Rep
+from conformance.wire import BASE_ALLOCATION, Disconnected, Errno, Info, Opt, Rep, TransmissionFlag
 from conformance.wire import messages as m
 from conformance.wire import session as s
 from conformance.wire.constants import STRING_MAX
@@ -452,3 +452,65 @@ def test_abort_then_close_without_reading(server):
             client.send_option(Opt.ABORT)
         client.close()
     s.assert_still_serving(server, "clients that sent NBD_OPT_ABORT and closed at once")
+
+
+# ------------------------------------- extensions advertised only once negotiated
+
+STRUCTURED = "Values / Handshake phase / Option types / NBD_OPT_STRUCTURED_REPLY"
+EXTENDED = "Values / Handshake phase / Option types / NBD_OPT_EXTENDED_HEADERS"
+
+
+def _flags_without(server, *, structured: bool = False):
+    """The transmission flags NBD_OPT_GO gives a client that negotiated nothing (or only
+    structured replies)."""
+    client = s.negotiated(server)
+    try:
+        if structured and client.structured_reply().type != Rep.ACK:
+            unsupported("the server does not support NBD_OPT_STRUCTURED_REPLY")
+        go = client.go(s.export_name(server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO")
+        assert go.export is not None
+        return go.export.flags
+    finally:
+        client.close()
+
+
+def _expect_not_advertised(flags, names: tuple[str, ...], before: str) -> None:
+    shown = [n for n in names if flags & getattr(TransmissionFlag, n)]
+    expect_equal(shown, [], f"transmission flags of extensions advertised before {before}")
+
+
+@spec(
+    STRUCTURED,
+    SHOULD,
+    "A server that supports such extensions SHOULD NOT advertise those extensions until the "
+    "client negotiates structured replies",
+)
+def test_no_structured_reply_extensions_advertised_before_negotiation(server):
+    """NBD_FLAG_SEND_DF (its replies are structured) is not offered without structured
+    replies."""
+    _expect_not_advertised(_flags_without(server), ("SEND_DF",), "structured replies")
+
+
+@spec(
+    STRUCTURED,
+    SHOULD,
+    "A server that supports such extensions SHOULD NOT advertise those extensions until the "
+    "client has negotiated either structured replies or extended headers",
+)
+def test_no_reply_payload_extensions_advertised_before_negotiation(server):
+    """Neither NBD_FLAG_SEND_DF nor NBD_FLAG_BLOCK_STATUS_PAYLOAD without reply payloads."""
+    names = ("SEND_DF", "BLOCK_STATUS_PAYLOAD")
+    _expect_not_advertised(_flags_without(server), names, "structured replies or extended headers")
+
+
+@spec(
+    EXTENDED,
+    SHOULD,
+    "A server that supports such extensions SHOULD NOT advertise those extensions until the "
+    "client has negotiated extended headers",
+)
+def test_no_extended_header_extensions_advertised_before_negotiation(server):
+    """NBD_FLAG_BLOCK_STATUS_PAYLOAD is not offered to a client with structured replies only."""
+    flags = _flags_without(server, structured=True)
+    _expect_not_advertised(flags, ("BLOCK_STATUS_PAYLOAD",), "extended headers")
