@@ -459,3 +459,25 @@ def test_zero_length_block_status_does_not_disconnect(server, mode):
                 detail=f"expected a READ answered, actual {exc}",
             ) from None
         expect_equal(reply.error, Errno.OK, "READ after a zero-length BLOCK_STATUS")
+
+
+@spec(
+    "Values / Handshake phase / Flag fields / Transmission flags / NBD_FLAG_SEND_DF",
+    MUST,
+    "The server MUST set this transmission flag to 1 if the `NBD_CMD_READ` request supports the "
+    "`NBD_CMD_FLAG_DF` flag, and MUST leave this flag clear if neither structured replies nor "
+    "extended headers have been negotiated.",
+)
+@pytest.mark.parametrize("mode", MODES)
+def test_df_advertised_exactly_when_supported(server, mode):
+    """With reply payloads negotiated: a server that does not advertise NBD_FLAG_SEND_DF does
+    not serve a READ with NBD_CMD_FLAG_DF (it refuses it); one that advertises it does."""
+    with _structured(server, meta=False, extended=mode == "extended") as session:
+        advertised = bool(session.export.flags & TransmissionFlag.SEND_DF)
+        reply = session.client.read(0, BLOCK, CmdFlag.DF)
+        served = reply.error == Errno.OK
+        expect_equal(
+            f"DF read {'served' if served else 'refused'}",
+            f"DF read {'served' if advertised else 'refused'}",
+            f"NBD_CMD_FLAG_DF with NBD_FLAG_SEND_DF {'set' if advertised else 'clear'}",
+        )
