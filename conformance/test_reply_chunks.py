@@ -27,6 +27,7 @@ from conformance.wire import (
     ReplyFlag,
     ReplyType,
     TransmissionFlag,
+    WireClient,
 )
 from conformance.wire import messages as m
 from conformance.wire import session as s
@@ -47,7 +48,7 @@ UNKNOWN_COMMAND = 0x3F
 
 @dataclasses.dataclass
 class Session:
-    client: object
+    client: WireClient
     export: m.ExportInfo
     context_id: int | None
     max_payload: int

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -326,25 +327,25 @@ BUG_FAILS = {
 
 
 @pytest.fixture
-def toy_checks(request: pytest.FixtureRequest) -> dict[str, object]:
+def toy_checks(request: pytest.FixtureRequest) -> dict[str, Any]:
     """{check ID: a callable running it on a server}, the modules imported as in ``checks``."""
     known = " ".join(request.config.getini("markers"))
     for marker in ("nbd_spec", "writes", "disruptive"):
         if marker not in known:
             request.config.addinivalue_line("markers", f"{marker}: conformance marker")
-    found = {}
+    found: dict[str, Any] = {}
     for name, (module, function, args) in TOY_CHECKS.items():
         check = getattr(importlib.import_module(f"conformance.{module}"), function)
         found[name] = functools.partial(lambda c, a, server: c(server, *a), check, args)
     return found
 
 
-def _failures(server: object, checks: dict[str, object]) -> dict[str, str]:
+def _failures(server: object, checks: dict[str, Any]) -> dict[str, str]:
     """{check ID: why} for every check that does not pass (UNSUPPORTED counts as not passing)."""
     failed = {}
     for name, run in checks.items():
         try:
-            run(server)  # type: ignore[operator]
+            run(server)
         except pytest.skip.Exception as exc:
             failed[name] = f"unsupported: {exc}"
         except (SpecViolation, AssertionError, OSError, Exception) as exc:
@@ -353,7 +354,7 @@ def _failures(server: object, checks: dict[str, object]) -> dict[str, str]:
 
 
 def test_toy_notls_server_without_bugs_passes_the_checks(
-    tmp_path: Path, toy_checks: dict[str, object]
+    tmp_path: Path, toy_checks: dict[str, Any]
 ) -> None:
     server = ToyNotls(tmp_path, NotlsBugs())
     try:
@@ -364,7 +365,7 @@ def test_toy_notls_server_without_bugs_passes_the_checks(
 
 @pytest.mark.parametrize("bug", sorted(BUG_FAILS))
 def test_each_bug_fails_exactly_its_checks(
-    tmp_path: Path, toy_checks: dict[str, object], bug: str
+    tmp_path: Path, toy_checks: dict[str, Any], bug: str
 ) -> None:
     server = ToyNotls(tmp_path, NotlsBugs(**{bug: True}))
     try:

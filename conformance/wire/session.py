@@ -138,7 +138,7 @@ def wait_for_close(client: WireClient, timeout: float) -> tuple[str, bytes]:
     """
     sock = client.sock
     if isinstance(sock, ssl.SSLSocket):
-        sock.suppress_ragged_eofs = False  # a TCP close without close_notify raises
+        sock.suppress_ragged_eofs = False  # type: ignore[attr-defined]  # bare TCP close raises
     sock.settimeout(timeout)
     data = b""
     try:

@@ -39,7 +39,7 @@ from conformance.wire.constants import (
 SIZE = 1 << 20
 EXPORT = "toy"
 CONTEXT_ID = 7
-KNOWN_FLAGS = {
+KNOWN_FLAGS: dict[int, int] = {
     Cmd.READ: 0b100,
     Cmd.WRITE: 0b1,
     Cmd.FLUSH: 0,
