@@ -139,22 +139,46 @@ def test_unknown_command_flag_gets_einval(server, command):
 
 # ------------------------------------------------------------------ NBD_CMD_DISC
 
-IN_FLIGHT = 16
-READ_LENGTH = 256 * 1024
+IN_FLIGHT = 64
+READ_LENGTH = 4096
 
 
-def _reads_then_disc(server):
-    """IN_FLIGHT READs and NBD_CMD_DISC sent back to back; (client, cookies, data offsets)."""
+def _reads_then_disc(server, count: int, length: int):
+    """COUNT READs of LENGTH bytes and NBD_CMD_DISC sent back to back: (client, cookies)."""
     client, _ = s.transmission(server)
-    cookies = [COOKIE - i for i in range(IN_FLIGHT)]
+    cookies = [COOKIE - i for i in range(count)]
     requests = b""
     for i, cookie in enumerate(cookies):
-        client._read_lengths[cookie] = READ_LENGTH
-        requests += m.pack_request(Cmd.READ, i * 4096, READ_LENGTH, cookie=cookie)
+        client._read_lengths[cookie] = length
+        requests += m.pack_request(Cmd.READ, i * 4096, length, cookie=cookie)
     requests += m.pack_request(Cmd.DISC, 0, 0, cookie=COOKIE + 1)
-    client.log.append(f"C: {IN_FLIGHT} READs of {READ_LENGTH} bytes, then DISC, in one write")
+    client.log.append(f"C: {count} READs of {length} bytes, then DISC, in one write")
     client.send(requests)
     return client, cookies
+
+
+def check_disc_answers_in_flight(server, count: int = IN_FLIGHT, length: int = READ_LENGTH):
+    """COUNT READs and NBD_CMD_DISC in one write: COUNT whole replies, then the end.
+
+    The suite runs it with 64 READs of 4 KiB; tests/test_wire_checks_can_fail.py also runs it
+    with 16 READs of 256 KiB (more than a socket buffer holds) against the reference server.
+    """
+    client, cookies = _reads_then_disc(server, count, length)
+    try:
+        answered = []
+        for _ in cookies:
+            try:
+                msg = client.recv_message()
+            except (Disconnected, TimeoutError, ProtocolViolation) as exc:
+                raise SpecViolation(
+                    "READs in flight when NBD_CMD_DISC arrived",
+                    detail=f"expected {count} replies, actual {len(answered)} and then {exc}",
+                ) from None
+            answered.append(msg.cookie)
+        expect_equal(sorted(answered), sorted(cookies), "cookies of the replies before the close")
+        _expect_clean_close(client, "after the replies to the requests before NBD_CMD_DISC")
+    finally:
+        client.close()
 
 
 @pytest.fixture(params=["clear", "tls"])
@@ -169,26 +193,11 @@ def disc_server(request, start_server):
     "running), and close the TCP session.",
 )
 def test_disc_answers_requests_in_flight_then_closes(disc_server):
-    """16 READs of 256 KiB and NBD_CMD_DISC in one write: 16 whole replies, then the end.
+    """64 READs and NBD_CMD_DISC in one write: 64 whole replies, then the end.
 
     "Handle" is read as "answer": a reply with an error (nbdkit answers NBD_ESHUTDOWN) is
     accepted; a reply cut short, or none, is not."""
-    client, cookies = _reads_then_disc(disc_server)
-    try:
-        answered = []
-        for _ in cookies:
-            try:
-                msg = client.recv_message()
-            except (Disconnected, TimeoutError, ProtocolViolation) as exc:
-                raise SpecViolation(
-                    "READs in flight when NBD_CMD_DISC arrived",
-                    detail=f"expected {IN_FLIGHT} replies, actual {len(answered)} and then {exc}",
-                ) from None
-            answered.append(msg.cookie)
-        expect_equal(sorted(answered), sorted(cookies), "cookies of the replies before the close")
-        _expect_clean_close(client, "after the replies to the requests before NBD_CMD_DISC")
-    finally:
-        client.close()
+    check_disc_answers_in_flight(disc_server)
 
 
 @spec(

@@ -140,7 +140,7 @@ def test_every_reply_path_echoes_the_whole_cookie(server, mode):
 
 
 @spec(
-    "Protocol phases / Transmission / Extended reply chunk message",
+    "Protocol phases / Transmission",
     MUST,
     "S: 64 bits, cookie (MUST match the request)",
 )

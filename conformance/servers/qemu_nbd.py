@@ -66,7 +66,8 @@ class QemuNbd(Profile):
             "Values / Transmission phase / Request types",
             "qemu-nbd 7.2 shuts the connection down on NBD_CMD_DISC while READ replies are "
             "still being sent: replies to requests sent before NBD_CMD_DISC are cut short or "
-            "missing",
+            "missing (a race: most runs)",
+            intermittent=True,
         ),
         Deviation(
             "test_shutdown_answers_requests_in_flight",

@@ -20,16 +20,7 @@ class Reference(Profile):
     """``python -m reference_server -k SOCK -t -e N [-r] [-x NAME] [-D DESC] --memory SIZE``."""
 
     name = "reference"
-    deviations: tuple[Deviation, ...] = (
-        Deviation(
-            "test_disc_answers_requests_in_flight_then_closes",
-            "Values / Transmission phase / Request types",
-            "the reference server closes the connection once no request is in flight after "
-            "NBD_CMD_DISC, dropping replies still queued behind its unsent-bytes limit: READ "
-            "replies in flight are cut short (connection.py: _pump closes without waiting for "
-            "_replies to drain)",
-        ),
-    )
+    deviations: tuple[Deviation, ...] = ()
     sets_minimum_block_size = True
 
     def command(
