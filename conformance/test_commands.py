@@ -165,7 +165,7 @@ def check_disc_answers_in_flight(server, count: int = IN_FLIGHT, length: int = R
     """
     client, cookies = _reads_then_disc(server, count, length)
     try:
-        answered = []
+        answered: list[int] = []
         for _ in cookies:
             try:
                 msg = client.recv_message()
