@@ -28,11 +28,7 @@ from conformance.wire.constants import STRING_MAX
 pytestmark = pytest.mark.disruptive
 
 WAIT = 5.0
-STRING_RULE = (
-    "Where this document refers to a string, then unless otherwise stated, that string is a "
-    "sequence of UTF-8 code points, which is not `NUL` terminated, MUST NOT contain `NUL` "
-    "characters, SHOULD be no longer than 256 bytes and MUST be no longer than 4096 bytes."
-)
+STRING_RULE = "MUST be no longer than 4096 bytes."
 
 
 def _outcome(client, receive):
@@ -77,13 +73,16 @@ def tls_server(start_server):
     "request for `NBD_OPT_STRUCTURED_REPLY`, or metadata contexts from "
     "`NBD_OPT_SET_META_CONTEXT`) issued before this command.",
 )
-@pytest.mark.parametrize("state", ["structured-reply", "meta-context"])
+@pytest.mark.parametrize("state", ["structured-reply", "meta-context", "extended-headers"])
 def test_cve_2021_3716_plaintext_state_does_not_survive_starttls(tls_server, state):
-    """nbdkit kept NBD_OPT_STRUCTURED_REPLY negotiated in plaintext across STARTTLS."""
+    """nbdkit kept NBD_OPT_STRUCTURED_REPLY negotiated in plaintext across STARTTLS.  The same
+    for NBD_OPT_EXTENDED_HEADERS (the extension's version of the sentence names it)."""
     name = s.export_name(tls_server)
     client = s.connect(tls_server)
     try:
         client.negotiate()
+        if state == "extended-headers":
+            client.option(Opt.EXTENDED_HEADERS)
         client.option(Opt.STRUCTURED_REPLY)
         client.set_meta_context(name, (b"base:allocation",))
         expect_equal(
@@ -92,7 +91,7 @@ def test_cve_2021_3716_plaintext_state_does_not_survive_starttls(tls_server, sta
         if state == "meta-context" and client.structured_reply().type != Rep.ACK:
             unsupported("the server does not support NBD_OPT_STRUCTURED_REPLY")
         expect_equal(client.go(name).type.name, "ACK", "NBD_OPT_GO over TLS")
-        if state == "structured-reply":
+        if state in ("structured-reply", "extended-headers"):
             reply = client.read(0, 512)
             expect(
                 reply.is_simple,
@@ -137,7 +136,11 @@ def _send_name(server, option: Opt, name: bytes):
         client.close()
 
 
-@spec("Conventions", MUST, STRING_RULE)
+@spec(
+    "Protocol phases / Handshake / Termination of the session during option haggling",
+    MUST,
+    "A party MUST NOT initiate a hard disconnect save where set out in this section.",
+)
 @pytest.mark.parametrize("length", [STRING_MAX, STRING_MAX + 1, 65536])
 @pytest.mark.parametrize("option", [Opt.EXPORT_NAME, Opt.INFO, Opt.GO], ids=lambda o: o.name)
 def test_cve_2017_15118_long_export_name(server, option, length):
@@ -175,11 +178,7 @@ def test_cve_2017_15118_long_export_name(server, option, length):
 # ------------------------------------------------- CVE-2022-26495 / 26496
 
 
-@spec(
-    "Values / Handshake phase / Option types",
-    MUST,
-    "32 bits, length of name (unsigned); MUST be no larger than the option data length - 6",
-)
+@spec("Values / Handshake phase / Option types", MUST)
 @pytest.mark.parametrize("name_length", [0xFFFFFFFF, 0xFFFFFFFA, 0x80000000], ids=hex)
 @pytest.mark.parametrize("option", [Opt.INFO, Opt.GO], ids=lambda o: o.name)
 def test_cve_2022_26495_name_length_overflow(server, option, name_length):
@@ -201,7 +200,7 @@ def test_cve_2022_26495_name_length_overflow(server, option, name_length):
     s.assert_still_serving(server, f"{option.name} with name length {name_length:#x}")
 
 
-@spec("Conventions", MUST, STRING_RULE)
+@spec("Conventions", MUST)
 @pytest.mark.parametrize("length", [8192, 1 << 20])
 @pytest.mark.parametrize("option", [Opt.INFO, Opt.GO], ids=lambda o: o.name)
 def test_cve_2022_26496_oversized_name(server, option, length):
@@ -285,13 +284,7 @@ def test_cve_2013_7441_client_hangs_up_during_negotiation(server, stage):
 HUGE = 0xFFFFFFF0
 
 
-@spec(
-    "Protocol phases / Handshake / Termination of the session during option haggling",
-    SHOULD,
-    "In the server's case it MUST (save where set out above) simply error inbound options until "
-    "the client gets the hint that it is unwelcome, except that if a server believes a client's "
-    "behaviour constitutes a denial of service, it MAY initiate a hard disconnect.",
-)
+@spec("Protocol phases / Handshake / Termination of the session during option haggling", SHOULD)
 @pytest.mark.parametrize("option", [Opt.GO, Opt.LIST, Opt(0x2A)], ids=lambda o: o.name)
 def test_cve_2017_15119_huge_option_is_refused(server, option):
     """qemu read (and allocated) whatever length an option claimed.  An option claiming ~4 GiB
@@ -313,13 +306,7 @@ def test_cve_2017_15119_huge_option_is_refused(server, option):
     )
 
 
-@spec(
-    "Protocol phases / Handshake / Termination of the session during option haggling",
-    MUST,
-    "In the server's case it MUST (save where set out above) simply error inbound options until "
-    "the client gets the hint that it is unwelcome, except that if a server believes a client's "
-    "behaviour constitutes a denial of service, it MAY initiate a hard disconnect.",
-)
+@spec("Protocol phases / Handshake / Termination of the session during option haggling", MUST)
 def test_cve_2017_15119_huge_option_does_not_block_others(server):
     client = s.negotiated(server)
     try:
@@ -334,13 +321,6 @@ def test_cve_2017_15119_huge_option_does_not_block_others(server):
 
 # ----------------------------------------------- CVE-2005-3534, CVE-2011-0530
 
-SIZE_RULE = (
-    "Notwithstanding any maximum payload size advertised, either the server or the client MAY "
-    "initiate a hard disconnect if a payload length of either a request or a reply would be large "
-    "enough to be deemed a denial of service attack; however, for maximum portability, any "
-    "payload not exceeding 2^25 (33,554,432) bytes SHOULD NOT be considered a denial of service "
-    "attack, even if that length is larger than the advertised maximum payload size."
-)
 MARKER = b"conformance-marker" * 228  # 4104 bytes
 
 
@@ -360,7 +340,7 @@ def _reply_or_close(client, cookie: int):
     return _outcome(client, lambda: client.reply(cookie))
 
 
-@spec("Size constraints", MUST, SIZE_RULE)
+@spec("Size constraints", MUST)
 @pytest.mark.writes
 @pytest.mark.parametrize("cmd", [Cmd.READ, Cmd.WRITE], ids=lambda c: c.name)
 def test_cve_2005_3534_request_length_beyond_buffer(server, cmd):
@@ -387,7 +367,7 @@ def test_cve_2005_3534_request_length_beyond_buffer(server, cmd):
     s.assert_still_serving(server, f"a {cmd.name} of 0xffffffff bytes", expect=(offset, MARKER))
 
 
-@spec("Size constraints", MUST, SIZE_RULE)
+@spec("Size constraints", MUST)
 @pytest.mark.writes
 def test_cve_2011_0530_write_larger_than_max_payload(server):
     """nbd-server 2.9.20 regressed CVE-2005-3534 for writes just over its buffer size.  A write
@@ -520,12 +500,7 @@ def _server_process(server):
     return process.pid, process.poll
 
 
-@spec(
-    "Protocol phases / Transmission / Terminating the transmission phase",
-    SHOULD,
-    "On a server shutdown, the server SHOULD wait for inflight requests to be serviced prior to "
-    "initiating a hard disconnect.",
-)
+@spec("Protocol phases / Transmission / Terminating the transmission phase", SHOULD)
 def test_cve_2024_7409_shutdown_with_clients_connected(open_server):
     """qemu crashed (use after free) when shut down with clients still negotiating.  SIGTERM
     with clients in negotiation and in transmission: the server exits promptly, without a

@@ -8,6 +8,7 @@ NBD_OPT_EXTENDED_HEADERS with NBD_REP_ERR_UNSUP gets the verdict UNSUPPORTED.
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import pytest
 
@@ -16,6 +17,7 @@ from conformance.wire import (
     BASE_ALLOCATION,
     Cmd,
     CmdFlag,
+    Disconnected,
     Errno,
     Opt,
     Rep,
@@ -206,3 +208,152 @@ def test_unexpected_payload_is_consumed(server):
         client.request(Cmd.READ, 0, 16, flags=CmdFlag.PAYLOAD_LEN, payload=b"\x99" * 16)
         reply = client.read(0, 512)
         expect_equal(reply.error, Errno.OK, "READ after a READ that carried a payload")
+
+
+# ------------------------------------------------------- BLOCK_STATUS_EXT layout
+
+EXT_TYPES = "Values / Transmission phase / Structured reply types"
+
+
+def _ext_status_chunks(server, length: int | None = None):
+    """The raw NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunks for a query of the whole export and of an
+    unaligned piece, after writing a block of data (so there are several extents)."""
+    with extended(server, meta=True) as (client, export, _):
+        expect_equal(client.write(BLOCK, DATA).error, Errno.OK, "extended WRITE")
+        chunks = []
+        for offset, size in ((0, export.size), (BLOCK // 2, 3 * BLOCK + 100)):
+            reply = client.block_status(offset, size)
+            chunks += [c for c in reply.chunks if c.type == ReplyType.BLOCK_STATUS_EXT]
+        expect(chunks, "NBD_REPLY_TYPE_BLOCK_STATUS_EXT chunks", "at least one", chunks)
+        return chunks
+
+
+@spec(EXT_TYPES, MUST, "32 bits, metadata context ID 32 bits, descriptor count (MUST be nonzero)")
+@pytest.mark.writes
+def test_block_status_ext_descriptor_count_is_nonzero(server):
+    for chunk in _ext_status_chunks(server):
+        expect(len(chunk.payload) >= 8, "BLOCK_STATUS_EXT length", ">= 8", len(chunk.payload))
+        count = struct.unpack_from(">I", chunk.payload, 4)[0]
+        expect(count > 0, "BLOCK_STATUS_EXT descriptor count", "nonzero", count)
+        expect_equal(len(chunk.payload), 8 + 16 * count, "BLOCK_STATUS_EXT length for its count")
+
+
+@spec(
+    EXT_TYPES,
+    MUST,
+    "64 bits, length of the extent to which the status below applies (unsigned, MUST be nonzero) "
+    "64 bits, status flags",
+)
+@pytest.mark.writes
+def test_block_status_ext_extent_lengths_are_nonzero(server):
+    for chunk in _ext_status_chunks(server):
+        status = m.parse_chunk(chunk)
+        assert isinstance(status, m.BlockStatus)
+        lengths = [length for length, _ in status.extents]
+        expect(all(lengths), "BLOCK_STATUS_EXT extent lengths", "all nonzero", lengths[:20])
+
+
+# ------------------------------------------------ the payload form of BLOCK_STATUS
+
+
+@spec(
+    "Values / Transmission phase / Request types",
+    MUST,
+    "If the server does not support the payload form, or detects duplicate or unknown "
+    "metacontext ids in the client's payload, the server MUST gracefully consume the client's "
+    "payload before failing with `NBD_EINVAL`.",
+)
+def test_block_status_payload_is_consumed_then_refused(server):
+    """NBD_CMD_BLOCK_STATUS with NBD_CMD_FLAG_PAYLOAD_LEN naming an unknown id, then one id
+    twice: NBD_EINVAL, and the next request on the connection is parsed and answered.  A server
+    that does not support the payload form gets it too, and must answer the same way."""
+    with extended(server, meta=True) as (client, _, context_id):
+        assert context_id is not None
+        for ids, chosen in (
+            ("unknown", [context_id ^ 0x5A5A5A5A]),
+            ("duplicate", [context_id, context_id]),
+        ):
+            payload = m.pack_block_status_payload(BLOCK, chosen)
+            cookie = client.send_request(
+                Cmd.BLOCK_STATUS, 0, len(payload), flags=CmdFlag.PAYLOAD_LEN, payload=payload
+            )
+            reply = client.reply(cookie)
+            expect_equal(reply.error.name, "EINVAL", f"BLOCK_STATUS with a payload of {ids} ids")
+            after = client.read(0, 512)
+            expect_equal(after.error, Errno.OK, f"READ after a payload of {ids} ids")
+
+
+@spec(
+    "Values / Handshake phase / Flag fields / Transmission flags",
+    SHOULD,
+    "SHOULD NOT advertise this bit in response to `NBD_OPT_GO` if the client does not negotiate "
+    "metacontexts with `NBD_OPT_SET_META_CONTEXT`",
+)
+def test_block_status_payload_flag_clear_without_meta_contexts(server):
+    with extended(server) as (_, export, _):
+        expect(
+            not export.flags & TransmissionFlag.BLOCK_STATUS_PAYLOAD,
+            "NBD_FLAG_BLOCK_STATUS_PAYLOAD without NBD_OPT_SET_META_CONTEXT",
+            "clear",
+            repr(export.flags),
+        )
+
+
+@spec(
+    "Values / Handshake phase / Option types",
+    SHOULD,
+    "although a server SHOULD support this option even if structured replies are not negotiated.",
+)
+def test_extended_headers_without_structured_replies(server):
+    """NBD_OPT_EXTENDED_HEADERS as the first option: a server that supports it at all (as shown
+    after NBD_OPT_STRUCTURED_REPLY) accepts it there too."""
+    client = s.negotiated(server)
+    try:
+        first = client.extended_headers()
+    finally:
+        client.close()
+    if first.type == Rep.ACK:
+        return
+    client = s.negotiated(server)
+    try:
+        client.structured_reply()
+        second = client.extended_headers()
+    finally:
+        client.close()
+    if second.type != Rep.ACK:
+        unsupported("the server does not support NBD_OPT_EXTENDED_HEADERS")
+    expect_equal(
+        first.type.name, "ACK", "NBD_OPT_EXTENDED_HEADERS without NBD_OPT_STRUCTURED_REPLY first"
+    )
+
+
+@spec(
+    "Protocol phases / Transmission / Request message",
+    SHOULD,
+    "A server SHOULD initiate hard disconnect if a client sets the `NBD_CMD_FLAG_PAYLOAD_LEN` flag "
+    "and uses a *length* larger than a server's advertised or default maximum payload length "
+    "(capped at 32 bits by the constraints of `NBD_INFO_BLOCK_SIZE`)",
+)
+@pytest.mark.writes
+@pytest.mark.disruptive
+def test_payload_beyond_maximum_gets_hard_disconnect(server):
+    """A WRITE announcing 4 GiB + 4 KiB with NBD_CMD_FLAG_PAYLOAD_LEN (beyond any maximum payload
+    NBD_INFO_BLOCK_SIZE can advertise, and the default 32 MiB), of which 64 KiB is sent: the
+    server disconnects rather than reading on."""
+    with extended(server) as (client, _, _):
+        length = (1 << 32) + 4096
+        header = m.pack_extended_request(
+            Cmd.WRITE, 0, length, flags=CmdFlag.PAYLOAD_LEN, cookie=0xFEDCBA9876543210
+        )
+        try:
+            client.send(header + b"\x77" * 65536)
+        except Disconnected:
+            return
+        outcome = client.expect_disconnect(5.0)
+        expect(
+            outcome.disconnected,
+            f"connection after a WRITE announcing {length} bytes with NBD_CMD_FLAG_PAYLOAD_LEN",
+            "a hard disconnect",
+            f"still open after {outcome.waited:.1f}s ({len(outcome.data)} bytes received)",
+        )
+    s.assert_still_serving(server, "a WRITE payload beyond the maximum")

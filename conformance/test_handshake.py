@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conformance.spec import MUST, expect, expect_equal, spec, unsupported
+from conformance.spec import MUST, SHOULD, expect, expect_equal, spec, unsupported
 from conformance.wire import (
     ClientFlag,
     Cmd,
@@ -20,7 +20,7 @@ from conformance.wire import (
 )
 from conformance.wire import messages as m
 from conformance.wire import session as s
-from conformance.wire.constants import IHAVEOPT, NBDMAGIC, SIMPLE_REPLY_MAGIC
+from conformance.wire.constants import CLISERV_MAGIC, IHAVEOPT, NBDMAGIC, SIMPLE_REPLY_MAGIC
 
 DISCONNECT_TIMEOUT = 5.0
 
@@ -256,3 +256,46 @@ def test_simple_reply_echoes_cookie(server):
         expect_equal(reply.error, Errno.OK, "error of a 512-byte READ at offset 0")
     finally:
         client.disconnect()
+
+
+@spec(
+    "Protocol phases / Handshake / Newstyle negotiation",
+    SHOULD,
+    "The server SHOULD refuse to allow oldstyle negotiations on the newstyle port.",
+)
+def test_no_oldstyle_negotiation(server):
+    """The greeting is newstyle (IHAVEOPT, not the oldstyle magic followed by the export size),
+    on every connection, including one whose client never answers the greeting."""
+    for _ in range(2):
+        client = s.connect(server)
+        try:
+            greeting = client.recv_exactly(16, "greeting magics")
+        finally:
+            client.close()
+        expect_equal(greeting[:8].hex(), NBDMAGIC.to_bytes(8, "big").hex(), "first magic")
+        expect(
+            greeting[8:16] != CLISERV_MAGIC.to_bytes(8, "big"),
+            "second magic",
+            f"IHAVEOPT ({IHAVEOPT:#x}), not the oldstyle {CLISERV_MAGIC:#x}",
+            greeting[8:16].hex(),
+        )
+
+
+@spec(
+    "Values / Handshake phase / Flag fields / Handshake flags",
+    SHOULD,
+    "SHOULD NOT change behaviour unless the client responds with a corresponding flag.",
+)
+def test_no_zeroes_only_when_the_client_sets_it(server):
+    """The server offers NBD_FLAG_NO_ZEROES; a client that does not answer with
+    NBD_FLAG_C_NO_ZEROES still gets the 124 zeroes after NBD_OPT_EXPORT_NAME."""
+    client = s.connect(server)
+    try:
+        offered = client.read_greeting().flags
+    finally:
+        client.close()
+    if not offered & HandshakeFlag.NO_ZEROES:
+        unsupported("the server does not offer NBD_FLAG_NO_ZEROES")
+    zeroes, magic = _next_reply_magic_after_export_name(server, int(ClientFlag.C_FIXED_NEWSTYLE))
+    expect_equal(zeroes, bytes(124), "the 124 bytes after the export info without C_NO_ZEROES")
+    expect_equal(magic.hex(), SIMPLE_REPLY_MAGIC.to_bytes(4, "big").hex(), "next reply magic")

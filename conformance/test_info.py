@@ -92,12 +92,10 @@ def test_df_clear_without_structured_replies(server):
     )
 
 
-@spec(
-    FLAGS,
-    MAY,
-    quote="The server MAY set this flag to indicate to the client that the export is read-only",
-)
+@spec(FLAGS, MAY)
 def test_read_only_export_advertises_read_only(ro_server):
+    """The server MAY set NBD_FLAG_READ_ONLY; one started read-only is expected to say so (a
+    property of its configuration, which no key-word sentence requires)."""
     h = ro_server.connect()
     expect(
         h.is_read_only(), "NBD_FLAG_READ_ONLY on a read-only export", expected="set", actual="clear"

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from conformance.servers.base import ServerConfig
 from conformance.spec import MUST, SHOULD, expect, expect_equal, spec, unsupported
 from conformance.wire import (
     BASE_ALLOCATION,
@@ -275,11 +276,7 @@ OVERRUNS = [case for case in MALFORMED if case != "trailing-garbage"]
 
 
 @pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
-@spec(
-    "Values / Handshake phase / Option types",
-    MUST,
-    "32 bits, length of name (unsigned); MUST be no larger than the option data length - 6",
-)
+@spec("Values / Handshake phase / Option types", MUST)
 @pytest.mark.parametrize("option", [Opt.INFO, Opt.GO], ids=lambda o: o.name)
 @pytest.mark.parametrize("case", OVERRUNS)
 def test_malformed_info_request_is_rejected(server, option, case):
@@ -492,3 +489,31 @@ def test_set_meta_context_ignores_base_wildcard(server):
     with structured(server) as client:
         result = _meta(client, Opt.SET_META_CONTEXT, s.export_name(server), (b"base:",))
         expect_equal(result.describe(), "ACK(0 bytes)", "replies to SET_META_CONTEXT 'base:'")
+
+
+@spec(
+    "Values / Handshake phase / Option types",
+    MUST,
+    "If the chosen export does not exist or requirements for the chosen export are not met (e.g., "
+    "the client did not initiate TLS for an export where the server requires it), the server MUST "
+    "terminate the session.",
+)
+def test_export_name_of_unknown_export_terminates(start_server):
+    """A server serving one named export: NBD_OPT_EXPORT_NAME naming another gets no export
+    information; the connection is closed (it cannot be answered with an error)."""
+    server = start_server(ServerConfig(export_name="conformance"))
+    if s.tls_context(server) is not None:
+        unsupported("NBD_OPT_EXPORT_NAME in clear to a TLS server is test_tls's")
+    with negotiated(server) as client:
+        try:
+            client.send_option(Opt.EXPORT_NAME, b"conformance-no-such-export")
+        except Disconnected:
+            return
+        outcome = client.expect_disconnect(5.0)
+    expect(
+        outcome.disconnected and not outcome.data,
+        "NBD_OPT_EXPORT_NAME naming an unknown export",
+        "the session terminated, no export information",
+        f"disconnected={outcome.disconnected}, {len(outcome.data)} bytes sent",
+    )
+    s.assert_still_serving(server, "NBD_OPT_EXPORT_NAME naming an unknown export")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import warnings
 
 import pytest
 
 from conformance.servers.base import ServerConfig
-from conformance.spec import MUST, expect, expect_equal, spec
+from conformance.spec import MUST, SHOULD, expect, expect_equal, spec, unsupported
 from conformance.wire import Disconnected, Errno, Opt, Rep
 from conformance.wire import messages as m
 from conformance.wire import session as s
@@ -236,3 +237,181 @@ def test_tls_1_2_is_supported(tls_server):
             expect(False, "TLS 1.2 handshake", "success", repr(exc))
         expect_equal(client.sock.version(), "TLSv1.2", "negotiated TLS version")
         expect_equal(client.go(s.export_name(tls_server)).type.name, "ACK", "GO over TLS 1.2")
+
+
+# ------------------------------------------------------------------ NOTLS mode
+
+NOTLS = "TLS support / Server-side requirements / NOTLS mode"
+
+
+@contextlib.contextmanager
+def notls(server):
+    """Option haggling with a server the suite runs without TLS (NOTLS mode is baseline)."""
+    if s.tls_context(server) is not None:
+        pytest.skip("the server under test requires TLS; NOTLS mode is checked without it")
+    with in_clear(server) as client:
+        yield client
+
+
+@spec(
+    NOTLS,
+    MUST,
+    "If the server receives `NBD_OPT_STARTTLS` it MUST respond with `NBD_REP_ERR_POLICY` (if it "
+    "does not support TLS for policy reasons), `NBD_REP_ERR_UNSUP` (if it does not support the "
+    "`NBD_OPT_STARTTLS` option at all) or another error explicitly permitted by this document.",
+)
+def test_starttls_without_tls_gets_policy_or_unsup(server):
+    """A server started without TLS credentials refuses STARTTLS, and haggling goes on in
+    clear: NBD_OPT_GO still succeeds."""
+    with notls(server) as client:
+        result = client.option(Opt.STARTTLS)
+        expect(
+            result.type in (Rep.ERR_POLICY, Rep.ERR_UNSUP),
+            "reply to NBD_OPT_STARTTLS in NOTLS mode",
+            "NBD_REP_ERR_POLICY or NBD_REP_ERR_UNSUP",
+            result.describe(),
+        )
+        go = client.go(s.export_name(server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO after a refused STARTTLS")
+
+
+@spec(NOTLS, MUST, "The server MUST NOT respond to any option request with `NBD_REP_ERR_TLS_REQD`.")
+def test_notls_server_never_answers_tls_reqd(server):
+    """Every option, known or not (and STARTTLS), on one connection: no NBD_REP_ERR_TLS_REQD."""
+    with notls(server) as client:
+        name = s.export_name(server)
+        for option in (Opt.STARTTLS, *CLEAR_OPTIONS):
+            if option == Opt.GO:
+                continue  # last: it ends option haggling
+            result = client.option(option, _payload(option, name))
+            expect(
+                result.type != Rep.ERR_TLS_REQD,
+                f"reply to {option.name} in NOTLS mode",
+                "anything but NBD_REP_ERR_TLS_REQD",
+                result.describe(),
+            )
+        result = client.option(Opt.GO, _payload(Opt.GO, name))
+        expect_equal(result.type.name, "ACK", "reply to NBD_OPT_GO in NOTLS mode")
+
+
+# ------------------------------------------------------------- TLS versions
+
+
+def _handshake_with(server, low: ssl.TLSVersion, high: ssl.TLSVersion):
+    """STARTTLS, then a TLS handshake limited to [LOW, HIGH]: the version, or the error."""
+    ctx = s.require_tls_context(server)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0 and 1.1, on purpose
+            ctx.minimum_version, ctx.maximum_version = low, high
+        if low < ssl.TLSVersion.TLSv1_2:
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    except (ValueError, ssl.SSLError) as exc:
+        unsupported(f"this client's TLS library cannot offer {low.name}-{high.name}: {exc}")
+    with in_clear(server) as client:
+        expect_equal(client.option(Opt.STARTTLS).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
+        try:
+            client.upgrade_tls(ctx)
+        except (ssl.SSLError, OSError) as exc:
+            if "NO_PROTOCOLS_AVAILABLE" in str(exc) or "UNSUPPORTED_PROTOCOL" in str(exc):
+                unsupported(f"this client's TLS library refuses {low.name}-{high.name}: {exc}")
+            return None, exc
+        return client.sock.version(), None
+
+
+@spec(
+    "TLS support / Security considerations / TLS versions",
+    SHOULD,
+    "SHOULD support any later versions.",
+)
+def test_tls_1_3_is_supported(tls_server):
+    if not ssl.HAS_TLSv1_3:
+        unsupported("this client's TLS library has no TLS 1.3")
+    version, error = _handshake_with(tls_server, ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3)
+    expect_equal(version, "TLSv1.3", f"TLS 1.3 handshake ({error!r})")
+
+
+@spec(
+    "TLS support / Security considerations / TLS versions",
+    SHOULD,
+    "SHOULD NOT do so by default (i.e. they SHOULD only be available by a configuration change).",
+)
+def test_tls_before_1_2_is_refused_by_default(tls_server):
+    """A client offering only TLS 1.0 or 1.1 is refused by a server in its default setup."""
+    version, _ = _handshake_with(tls_server, ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1)
+    expect(version is None, "TLS handshake offering only TLS 1.0 and 1.1", "refused", version)
+
+
+# ------------------------------------------- hard disconnects over TLS: close_notify
+
+
+def _close_after(server, stage: str):
+    """Over TLS, send a message with a bad magic at STAGE; how the server ends the session."""
+    ctx = s.require_tls_context(server)
+    with in_clear(server) as client:
+        expect_equal(client.starttls(ctx).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
+        if stage == "transmission":
+            expect_equal(client.go(s.export_name(server)).type.name, "ACK", "NBD_OPT_GO")
+            client.send(m.REQUEST.pack(0xBADC0DE5, 0, 0, 0xFEDCBA9876543210, 0, 512))
+        else:
+            client.send(m.pack_option(Opt.LIST, magic=0x0BADC0DE0BADC0DE))
+        how, _ = s.wait_for_close(client, WAIT)
+    if how == "open":
+        unsupported(f"the server did not end the session after a bad magic ({stage})")
+    return how
+
+
+@spec(
+    "Protocol phases / Handshake / Termination of the session during option haggling",
+    SHOULD,
+    "If TLS is negotiated, the party initiating the transaction SHOULD shutdown TLS first if it "
+    "is running.",
+)
+def test_hard_disconnect_in_handshake_sends_close_notify(tls_server):
+    """An option with a bad magic after STARTTLS: if the server drops the connection (it MAY),
+    it shuts TLS down first (close_notify)."""
+    how = _close_after(tls_server, "handshake")
+    expect(how != "no close_notify", "the end of the session", "close_notify, then TCP close", how)
+
+
+@spec(
+    "Protocol phases / Transmission / Terminating the transmission phase",
+    SHOULD,
+    "The client or the server drops the TCP session (in which case it SHOULD shut down the TLS "
+    "session first).",
+)
+def test_hard_disconnect_in_transmission_sends_close_notify(tls_server):
+    """A request with a bad magic over TLS: if the server drops the connection (it MAY), it
+    shuts TLS down first (close_notify)."""
+    how = _close_after(tls_server, "transmission")
+    expect(how != "no close_notify", "the end of the session", "close_notify, then TCP close", how)
+
+
+@spec(
+    "Values / Handshake phase / Option types",
+    MUST,
+    "The server MUST either reply with `NBD_REP_ACK` after which point the connection is upgraded "
+    "to TLS, or an error reply explicitly permitted by this document (for example, "
+    "`NBD_REP_ERR_INVALID` if the client included data).",
+)
+def test_starttls_with_data_gets_ack_then_tls_or_a_permitted_error(tls_server):
+    """NBD_OPT_STARTTLS carrying data: NBD_REP_ACK followed by a working TLS handshake, or an
+    error the spec permits (NBD_REP_ERR_INVALID, as the example says).  After the error the
+    server MAY drop the connection: the client broke a MUST by sending data."""
+    ctx = s.require_tls_context(tls_server)
+    with in_clear(tls_server) as client:
+        result = client.option(Opt.STARTTLS, b"junk")
+        if not result.ok:
+            expect(
+                result.type in (Rep.ERR_INVALID, Rep.ERR_POLICY, Rep.ERR_UNSUP),
+                "reply to NBD_OPT_STARTTLS with data",
+                "NBD_REP_ACK or NBD_REP_ERR_INVALID (or ERR_POLICY, ERR_UNSUP)",
+                result.describe(),
+            )
+            return
+        try:
+            client.upgrade_tls(ctx)
+        except (ssl.SSLError, OSError) as exc:
+            expect(False, "TLS after NBD_REP_ACK to STARTTLS with data", "a TLS session", exc)
+        go = client.go(s.export_name(tls_server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO over TLS")

@@ -93,9 +93,6 @@ def test_write_zeroes_no_hole_is_accepted(server):
 @spec(
     REQUESTS,
     MUST,
-    quote="A server MAY discard *length* bytes starting at offset, but is not "
-    "required to; and MAY round *offset* up and *length* down to meet internal alignment "
-    "constraints so that only a portion of the client's request is actually discarded.",
 )
 def test_trim_keeps_data_outside_its_range(server):
     """Whatever trim does inside its range, the bytes outside it keep their data."""
@@ -114,9 +111,7 @@ def test_trim_keeps_data_outside_its_range(server):
 @spec(
     REQUESTS,
     MUST,
-    quote="After issuing this command, a client MUST NOT make any assumptions "
-    "about the contents of the export affected by this command, until overwriting it again "
-    "with `NBD_CMD_WRITE` or `NBD_CMD_WRITE_ZEROES`.",
+    quote="The server MUST write the data to disk, and then send the reply message.",
 )
 def test_write_after_trim_reads_back(server):
     h = server.connect()
@@ -230,3 +225,55 @@ def test_write_zeroes_larger_than_maximum_payload(server):
         expect(len(h.pread(4096, 0)) == 4096, "connection usable after the refusal")
         return
     expect_data(h.pread(4096, size - 4096), bytes(4096), "end of the export after zeroing it")
+
+
+@spec(
+    REQUESTS,
+    MUST,
+    quote="If the server advertised `NBD_FLAG_SEND_FAST_ZERO` but `NBD_CMD_FLAG_FAST_ZERO` is not "
+    "set, then the server MUST NOT fail with `NBD_ENOTSUP`, even if the operation is no faster "
+    "than a corresponding `NBD_CMD_WRITE`.",
+)
+def test_write_zeroes_without_fast_zero_is_not_enotsup(server):
+    """Where FAST_ZERO is advertised, a write-zeroes without it (aligned or not, tiny or whole,
+    holes allowed or not) is never refused as 'not fast'; it zeroes the range."""
+    h = server.connect()
+    if not h.can_fast_zero():
+        unsupported("the server does not advertise NBD_FLAG_SEND_FAST_ZERO")
+    for no_hole in (False, True):
+        for where, (offset, length) in ZERO_RANGES.items():
+            what = f"write-zeroes without NBD_CMD_FLAG_FAST_ZERO ({where}{', NO_HOLE' * no_hole})"
+            h.pwrite(pattern(0, 65536, tag=9), 0)
+            try:
+                h.zero(length, offset, nbd.CMD_FLAG_NO_HOLE if no_hole else 0)
+            except nbd.Error as err:
+                if err.errnum == errno.ENOTSUP:
+                    raise SpecViolation(
+                        what,
+                        detail="expected anything but error ENOTSUP (95), actual error ENOTSUP",
+                    ) from err
+                raise
+            expect_data(h.pread(65536, 0), _expected_after_zero(offset, length, tag=9), what)
+
+
+@spec(
+    REQUESTS,
+    SHOULD,
+    quote="Conversely, if `NBD_CMD_FLAG_FAST_ZERO` is set, the server SHOULD NOT fail with "
+    "`NBD_EOVERFLOW` regardless of the client length",
+)
+def test_fast_zero_of_the_whole_export_is_not_eoverflow(server):
+    """A fast write-zeroes of the whole export (beyond any maximum payload of a small export's
+    server, 64 MiB by default): success or NBD_ENOTSUP, never NBD_EOVERFLOW."""
+    h = server.connect(strict=0)
+    if not h.can_fast_zero():
+        unsupported("the server does not advertise NBD_FLAG_SEND_FAST_ZERO")
+    size = h.get_size()
+    try:
+        h.zero(size, 0, nbd.CMD_FLAG_FAST_ZERO)
+    except nbd.Error as err:
+        if err.errnum == errno.EOVERFLOW:
+            raise SpecViolation(
+                f"fast write-zeroes of {size} bytes",
+                detail="expected success or error ENOTSUP (95), actual error EOVERFLOW (75)",
+            ) from err

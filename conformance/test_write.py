@@ -94,12 +94,13 @@ def test_many_writes_in_flight_all_land(server):
 @spec(
     REQUESTS,
     MUST,
-    quote="A flush request. The server MUST NOT send a successful reply "
-    "header for this request before all write requests for which a reply has already been "
-    "sent to the client have reached permanent storage (using fsync() or similar).",
+    quote="The server MUST write the data to disk, and then send the reply message.",
 )
 def test_flushed_write_survives_disconnect(server):
-    """Written and flushed on one connection, then read on a new one after the first left."""
+    """Written and flushed on one connection, then read on a new one after the first left.
+
+    Visibility, not durability: "permanent storage" (the FLUSH sentence) cannot be seen from
+    the wire, so this checks the written data reads back once its connection is gone."""
     h = server.connect()
     if not h.can_flush():
         unsupported("the server does not advertise NBD_FLAG_SEND_FLUSH")

@@ -258,6 +258,7 @@ TLS_CHECKS = ("conformance/test_tls.py", "conformance/test_cves.py", "-k", "tls 
 CVE_2021_3716 = (
     "test_cve_2021_3716_plaintext_state_does_not_survive_starttls[structured-reply]",
     "test_cve_2021_3716_plaintext_state_does_not_survive_starttls[meta-context]",
+    "test_cve_2021_3716_plaintext_state_does_not_survive_starttls[extended-headers]",
 )
 
 
@@ -265,7 +266,7 @@ def test_clear_text_options_answered_and_kept_across_starttls(tmp_path: Path) ->
     """CVE-2021-3716 as nbdkit had it: STRUCTURED_REPLY and SET_META_CONTEXT answered in
     clear (two FORCEDTLS failures) and still in force after STARTTLS (the CVE check)."""
     run = run_suite(tmp_path, "starttls_keeps_clear_state.py answered", *TLS_CHECKS)
-    assert len(run.outcomes) == 22
+    assert len(run.outcomes) == 30
     run.assert_verdicts(
         failed={
             "test_option_before_starttls_gets_tls_reqd[structured_reply]",
@@ -285,14 +286,14 @@ def test_clear_text_options_refused_yet_kept_across_starttls(tmp_path: Path) -> 
         "-k",
         "tls_reqd or 3716",
     )
-    assert len(run.outcomes) == 13
+    assert len(run.outcomes) == 15
     run.assert_verdicts(failed=set(CVE_2021_3716))
     assert "expected 'a simple reply'" in run.messages[CVE_2021_3716[0]]
 
 
 def test_option_pipelined_behind_starttls_answered_in_clear(tmp_path: Path) -> None:
     run = run_suite(tmp_path, "starttls_answers_buffered.py", *TLS_CHECKS)
-    assert len(run.outcomes) == 22
+    assert len(run.outcomes) == 30
     check = "test_option_sent_with_starttls_is_not_answered_in_clear"
     run.assert_verdicts(failed={check})
     assert "no plaintext reply to the buffered NBD_OPT_LIST" in run.messages[check]

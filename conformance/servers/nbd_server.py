@@ -79,6 +79,29 @@ class NbdServer(Profile):
             for case in ("info-count-past-end", "shorter-than-6")
             for option in ("INFO", "GO")
         ),
+        Deviation(
+            "test_each_information_type_is_sent_once",
+            "Values / Handshake phase / Option reply types",
+            "nbd-server 3.24 sends NBD_INFO_EXPORT once per request: a client asking for it "
+            "twice (as well as implicitly) gets it twice",
+        ),
+        Deviation(
+            "test_shutdown_answers_requests_in_flight",
+            "Protocol phases / Transmission / Terminating the transmission phase",
+            "nbd-server 3.24 closes the connection at SIGTERM without answering the READs it "
+            "has received",
+        ),
+        Deviation(
+            "test_tls_before_1_2_is_refused_by_default",
+            "TLS support / Security considerations / TLS versions",
+            "nbd-server 3.24 with its default TLS setup (GnuTLS's default priorities on Debian 12) "
+            "completes a TLS 1.1 handshake",
+        ),
+        Deviation(
+            "test_starttls_with_data_gets_ack_then_tls_or_a_permitted_error",
+            "Values / Handshake phase / Option types",
+            "nbd-server 3.24 sends no reply at all to an NBD_OPT_STARTTLS that carries data",
+        ),
     )
 
     def check_config(self, config: ServerConfig) -> None:

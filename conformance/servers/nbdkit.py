@@ -44,6 +44,30 @@ class Nbdkit(Profile):
             "nbdkit 1.32 with the limit filter (limit=1) still advertises "
             "NBD_FLAG_CAN_MULTI_CONN on a read-only export, then refuses the second connection",
         ),
+        Deviation(
+            "test_errors_are_sent_as_structured_replies",
+            "Protocol phases / Transmission / Structured reply chunk message",
+            "nbdkit 1.32 answers an unknown command with a simple NBD_EINVAL reply even when "
+            "structured replies were negotiated",
+        ),
+        Deviation(
+            "test_each_information_type_is_sent_once",
+            "Values / Handshake phase / Option reply types",
+            "nbdkit 1.32 sends NBD_INFO_NAME and NBD_INFO_DESCRIPTION once per request: a client "
+            "asking for them twice gets each twice",
+        ),
+        Deviation(
+            "test_options_during_shutdown_get_err_shutdown",
+            "Protocol phases / Handshake / Termination of the session during option haggling",
+            "nbdkit 1.32 goes on answering options normally after SIGTERM while a client is "
+            "connected (no NBD_REP_ERR_SHUTDOWN)",
+        ),
+        Deviation(
+            "test_tls_before_1_2_is_refused_by_default",
+            "TLS support / Security considerations / TLS versions",
+            "nbdkit 1.32 with its default TLS setup (GnuTLS's default priorities on Debian 12) "
+            "completes a TLS 1.1 handshake",
+        ),
     )
 
     def command(

@@ -11,6 +11,7 @@ whatever the check did, a new well-behaved client is served.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from typing import Any
 
@@ -126,3 +127,30 @@ def assert_still_serving(
         raise SpecViolation(what, detail=detail) from None
     finally:
         client.disconnect()
+
+
+def wait_for_close(client: WireClient, timeout: float) -> tuple[str, bytes]:
+    """How the server ends the connection within *timeout*, and what it sent before.
+
+    ``"closed"`` (a TCP close, after a TLS close_notify when TLS runs),
+    ``"no close_notify"`` (TLS runs and the TCP connection closed without it),
+    ``"reset"`` or ``"open"`` (still open at the deadline).
+    """
+    sock = client.sock
+    if isinstance(sock, ssl.SSLSocket):
+        sock.suppress_ragged_eofs = False  # type: ignore[attr-defined]  # bare TCP close raises
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while piece := sock.recv(65536):
+            data += piece
+    except TimeoutError:
+        return "open", data
+    except ssl.SSLEOFError:
+        return "no close_notify", data
+    except (ConnectionResetError, ssl.SSLError, OSError):
+        return "reset", data
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(client.timeout)
+    return "closed", data
