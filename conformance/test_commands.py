@@ -154,6 +154,10 @@ def test_unknown_command_flag_gets_einval(server):
 
 IN_FLIGHT = 64
 READ_LENGTH = 4096
+#: A second volume: more reply bytes than a socket buffer holds, so that a server
+#: that closes once nothing is in flight, with replies still queued, is caught.
+LARGE_IN_FLIGHT = 16
+LARGE_READ_LENGTH = 256 * 1024
 
 
 def _reads_then_disc(server, count: int, length: int):
@@ -173,8 +177,9 @@ def _reads_then_disc(server, count: int, length: int):
 def check_disc_answers_in_flight(server, count: int = IN_FLIGHT, length: int = READ_LENGTH):
     """COUNT READs and NBD_CMD_DISC in one write: COUNT whole replies, then the end.
 
-    The suite runs it with 64 READs of 4 KiB; tests/test_wire_checks_can_fail.py also runs it
-    with 16 READs of 256 KiB (more than a socket buffer holds) against the reference server.
+    The suite runs it with 64 READs of 4 KiB, then with 16 READs of 256 KiB (more than a
+    socket buffer holds); tests/test_wire_checks_can_fail.py runs the second against the
+    reference server from its command line.
     """
     client, cookies = _reads_then_disc(server, count, length)
     try:
@@ -206,11 +211,13 @@ def disc_server(request, start_server):
     "running), and close the TCP session.",
 )
 def test_disc_answers_requests_in_flight_then_closes(disc_server):
-    """64 READs and NBD_CMD_DISC in one write: 64 whole replies, then the end.
+    """64 READs and NBD_CMD_DISC in one write: 64 whole replies, then the end; then the same
+    with 16 READs of 256 KiB, more than the socket holds, so replies wait in the server.
 
     "Handle" is read as "answer": a reply with an error (nbdkit answers NBD_ESHUTDOWN) is
     accepted; a reply cut short, or none, is not."""
     check_disc_answers_in_flight(disc_server)
+    check_disc_answers_in_flight(disc_server, LARGE_IN_FLIGHT, LARGE_READ_LENGTH)
 
 
 @spec(

@@ -314,7 +314,15 @@ class Connection(asyncio.BufferedProtocol):
         self._send(tx.data_to_send())
         self._update_reading()
         self._update_idle()
-        if self.phase is Phase.DRAINING and not self._inflight and not self._queue:
+        # "Terminating the transmission phase": after NBD_CMD_DISC every request
+        # received before it is answered, its reply handed over whole, and only
+        # then the connection closed (replies still queued here would be lost).
+        if (
+            self.phase is Phase.DRAINING
+            and not self._inflight
+            and not self._queue
+            and not self._replies.unsent
+        ):
             self.close()
 
     def _pump_requests(self, tx: Transmission, budget: ByteBudget, limit: int) -> None:

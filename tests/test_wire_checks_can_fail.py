@@ -373,13 +373,6 @@ def test_each_bug_fails_exactly_its_checks(
 # ------------------------------------------- the reference server at NBD_CMD_DISC, in volume
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SpecViolation,
-    reason="reference server bug: after NBD_CMD_DISC it closes once no request is in flight, "
-    "dropping replies still queued for a slow reader (connection.py _pump); remove this mark "
-    "when it is fixed",
-)
 def test_reference_server_answers_every_request_before_disc_in_volume(
     tmp_path: Path, checks: SimpleNamespace
 ) -> None:
@@ -404,7 +397,9 @@ def test_reference_server_answers_every_request_before_disc_in_volume(
             export_name="",
             open_socket=lambda timeout=10.0: _unix_socket(sock, timeout),
         )
-        commands.check_disc_answers_in_flight(server, 16, 256 * 1024)
+        commands.check_disc_answers_in_flight(
+            server, commands.LARGE_IN_FLIGHT, commands.LARGE_READ_LENGTH
+        )
     finally:
         stop(proc)
 
