@@ -24,19 +24,16 @@ connecting (``aio_get_fd`` takes the handle's lock, which a blocked call holds).
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
-import os
-import socket
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import nbd
 
 from conformance import evidence
 from conformance.guard import UNRESTRICTED, WritePermission
+from conformance.target import Target
+from conformance.watchdog import WATCHDOG
 
 #: Seconds a check waits for any one reply before the server is deemed stuck.
 DEFAULT_TIMEOUT = 10.0
@@ -45,81 +42,6 @@ DEFAULT_TIMEOUT = 10.0
 class ServerTimeout(AssertionError):
     """The server did not answer within the deadline."""
 
-
-class _Alarm:
-    __slots__ = ("cancelled", "deadline", "fd", "fired")
-
-    def __init__(self, fd: int, deadline: float) -> None:
-        self.fd = fd
-        self.deadline = deadline
-        self.cancelled = False
-        self.fired = False
-
-
-class Watchdog:
-    """One thread that shuts a socket down when the call waiting on it runs out of time.
-
-    Shutting the socket down (rather than closing it) leaves the descriptor
-    to its owner and wakes every waiter on it, in libnbd or elsewhere.  Firing
-    and disarming take the same lock, so a descriptor is never shut down after
-    its call returned (it could by then belong to another socket).
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, _Alarm]] = []
-        self._order = itertools.count()
-        self._thread: threading.Thread | None = None
-
-    def arm(self, fd: int, timeout: float) -> _Alarm:
-        alarm = _Alarm(fd, time.monotonic() + timeout)
-        with self._cond:
-            heapq.heappush(self._heap, (alarm.deadline, next(self._order), alarm))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
-                    target=self._run, name="conformance-watchdog", daemon=True
-                )
-                self._thread.start()
-            elif self._heap[0][2] is alarm:
-                self._cond.notify()
-        return alarm
-
-    def disarm(self, alarm: _Alarm) -> bool:
-        """Cancel ALARM; True if it had already fired."""
-        with self._cond:
-            alarm.cancelled = True
-            return alarm.fired
-
-    def _run(self) -> None:
-        with self._cond:
-            while True:
-                while self._heap and self._heap[0][2].cancelled:
-                    heapq.heappop(self._heap)
-                if not self._heap:
-                    self._cond.wait(timeout=60)
-                    if not self._heap:
-                        self._thread = None
-                        return
-                    continue
-                left = self._heap[0][0] - time.monotonic()
-                if left > 0:
-                    self._cond.wait(timeout=left)
-                    continue
-                _, _, alarm = heapq.heappop(self._heap)
-                alarm.fired = True
-                shut_down(alarm.fd)
-
-
-def shut_down(fd: int) -> None:
-    """shutdown(2) the socket behind FD, leaving FD itself open."""
-    with contextlib.suppress(OSError):
-        sock = socket.socket(fileno=os.dup(fd))
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-
-
-WATCHDOG = Watchdog()
 
 #: The blocking calls of libnbd's API that talk to the server, and what they send.
 BLOCKING_CALLS = {
@@ -250,3 +172,135 @@ class Handle:
         if WATCHDOG.disarm(alarm):
             raise ServerTimeout(f"no reply to {what} within {self.timeout:g} s")
         return result
+
+
+# ------------------------------------------------- opening and waiting
+
+
+class _Connectable(Protocol):
+    def connect(self, n: int = 1, **opts: Any) -> Any: ...
+
+
+def _poll_until(h: Any, done: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerTimeout(f"{what}: no answer from the server within {timeout:g}s")
+        h.poll(max(1, int(min(remaining, 1.0) * 1000)))
+
+
+def open_handle(
+    target: Target,
+    *,
+    permission: WritePermission = UNRESTRICTED,
+    handle_name: str = "conformance",
+    export_name: str | None = None,
+    meta_contexts: Iterable[str] = (),
+    strict: int | None = None,
+    structured_replies: bool = True,
+    request_block_size: bool = True,
+    full_info: bool = True,
+    tls: bool | None = None,
+    opt_mode: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+    command_timeout: float = DEFAULT_TIMEOUT,
+) -> Handle:
+    """One libnbd handle connected to TARGET (see :meth:`Server.connect` for the options).
+
+    Its blocking calls wait at most COMMAND_TIMEOUT seconds for a reply, and
+    its writes need PERMISSION (the running check's, on a server's handles).
+    """
+    h = nbd.NBD()
+    h.set_handle_name(handle_name)
+    h.set_export_name(target.export_name if export_name is None else export_name)
+    for name in meta_contexts:
+        h.add_meta_context(name)
+    h.set_request_structured_replies(structured_replies)
+    h.set_request_block_size(request_block_size)
+    h.set_full_info(full_info)
+    if strict is not None:
+        h.set_strict_mode(strict)
+    if opt_mode:
+        h.set_opt_mode(True)
+    use_tls = target.tls if tls is None else tls
+    if use_tls:
+        h.set_tls(nbd.TLS_REQUIRE)
+        if target.tls_dir:
+            h.set_tls_certificates(target.tls_dir)
+    else:
+        h.set_tls(nbd.TLS_DISABLE)
+    if target.socket_path is not None:
+        h.aio_connect_unix(target.socket_path)
+    else:
+        assert target.address is not None
+        h.aio_connect_tcp(target.address[0], str(target.address[1]))
+    if opt_mode:
+        _poll_until(h, lambda: h.aio_is_negotiating() or h.aio_is_ready(), timeout, "handshake")
+    else:
+        _poll_until(h, h.aio_is_ready, timeout, "handshake")
+    handle = Handle(h, permission=permission, timeout=command_timeout)
+    asked = [
+        f"meta contexts {list(meta_contexts)}" if meta_contexts else "",
+        "" if structured_replies else "no structured replies",
+        f"strict mode {strict:#x}" if strict is not None else "",
+        "TLS" if use_tls else "",
+        "option mode" if opt_mode else "",
+    ]
+    how = ", ".join(a for a in asked if a)
+    handle.connected(f" ({how})" if how else "")
+    return handle
+
+
+def close_handle(h: Any) -> None:
+    """Disconnect softly when possible; a dead handle is simply dropped."""
+    try:
+        if h.aio_is_ready():
+            h.shutdown()
+        elif h.aio_is_negotiating():
+            h.opt_abort()
+    except nbd.Error:
+        pass
+
+
+def wait_for(h: Any, cookie: int, timeout: float = DEFAULT_TIMEOUT, what: str = "command") -> None:
+    """Wait for one aio command; raise its nbd.Error if the server rejected it."""
+    _poll_until(h, lambda: h.aio_command_completed(cookie), timeout, what)
+
+
+def wait_all(
+    h: Any, cookies: Iterable[int], timeout: float = DEFAULT_TIMEOUT, what: str = "commands"
+) -> list[nbd.Error | None]:
+    """Wait for every aio command; return the error (or None) of each, in order."""
+    pending = list(cookies)
+    results: dict[int, nbd.Error | None] = {}
+    deadline = time.monotonic() + timeout
+    while len(results) < len(pending):
+        for cookie in pending:
+            if cookie in results:
+                continue
+            try:
+                if h.aio_command_completed(cookie):
+                    results[cookie] = None
+            except nbd.Error as err:
+                results[cookie] = err
+        if len(results) == len(pending):
+            break
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerTimeout(
+                f"{what}: {len(pending) - len(results)} of {len(pending)} "
+                f"requests unanswered after {timeout:g}s"
+            )
+        h.poll(max(1, int(min(remaining, 1.0) * 1000)))
+    return [results[c] for c in pending]
+
+
+def try_connect(server: _Connectable, timeout: float = 3.0, **opts: Any) -> Handle | str:
+    """A connected handle, or the reason a connection could not be made in time."""
+    try:
+        return server.connect(timeout=timeout, **opts)
+    except ServerTimeout as err:
+        return str(err)
+    except nbd.Error as err:
+        return f"connection refused: {err}"

@@ -74,9 +74,8 @@ def probe(server: Any, timeout: float = PROBE_TIMEOUT) -> str | None:
     """
     import nbd
 
-    from conformance.client import close_handle, open_handle
     from conformance.guard import READ_ONLY
-    from conformance.handle import ServerTimeout
+    from conformance.handle import ServerTimeout, close_handle, open_handle
 
     deadline = time.monotonic() + REFUSED_GRACE
     while True:

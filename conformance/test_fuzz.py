@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from conformance.client import close_handle
 from conformance.data import pattern
+from conformance.handle import close_handle
 from conformance.spec import MUST, SpecViolation, spec, unsupported
 from conformance.wire import ClientFlag, Cmd, CmdFlag, Disconnected, Info, Opt, ProtocolViolation
 from conformance.wire import messages as m

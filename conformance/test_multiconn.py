@@ -15,8 +15,8 @@ import threading
 import nbd
 import pytest
 
-from conformance.client import try_connect, wait_all
 from conformance.data import pattern
+from conformance.handle import try_connect, wait_all
 from conformance.servers.base import ServerConfig
 from conformance.spec import MUST, expect, expect_data, expect_equal, spec, unsupported
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import nbd
 import pytest
 
-from conformance.client import wait_all
 from conformance.data import pattern
+from conformance.handle import wait_all
 from conformance.spec import MUST, SHOULD, expect_data, expect_equal, spec, unsupported
 
 REQUESTS = "Values / Transmission phase / Request types"

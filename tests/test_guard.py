@@ -23,7 +23,8 @@ from conformance.guard import (
     WritePermission,
     WritesNotAllowed,
 )
-from conformance.handle import Handle, ServerTimeout, Watchdog
+from conformance.handle import Handle, ServerTimeout
+from conformance.watchdog import Watchdog
 from conformance.wire import Cmd
 from conformance.wire import messages as m
 from conformance.wire.client import WireClient

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from conformance.client import close_handle, open_handle
 from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
+from conformance.handle import close_handle, open_handle
 from conformance.servers.peers import ServeOptions
 from conformance.servers.process import ServerProcess, describe_exit
 from conformance.target import Target, unix_target
