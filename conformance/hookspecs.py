@@ -10,7 +10,7 @@ known deviations recorded beside the code::
 
     class MyServer(Profile):
         name = "my-server"
-        def command(self, config, workdir, socket_path, tls_dir):
+        def prepare_command(self, config, workdir, socket_path, tls_dir):
             return ["my-nbd-server", "--unix", socket_path, "--size", str(config.size)]
 
     def pytest_nbd_profiles():

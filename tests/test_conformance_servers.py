@@ -51,7 +51,7 @@ def test_command_template_formats_every_placeholder(tmp_path):
     config = ServerConfig(
         size=1024, export_name="", shared=1, read_only=True, tls=True, description="two words"
     )
-    argv = profile.command(config, tmp_path, "/tmp/s", "/certs")
+    argv = profile.prepare_command(config, tmp_path, "/tmp/s", "/certs")
     assert argv == [
         "srv",
         "-k",
@@ -68,7 +68,7 @@ def test_command_template_formats_every_placeholder(tmp_path):
         "-D",
         "two words",
     ]
-    argv = profile.command(ServerConfig(), tmp_path, "/tmp/s", None)
+    argv = profile.prepare_command(ServerConfig(), tmp_path, "/tmp/s", None)
     assert argv == [
         "srv",
         "-k",
@@ -88,13 +88,13 @@ def test_command_template_formats_every_placeholder(tmp_path):
 def test_command_template_nests_placeholders(tmp_path):
     profile = CommandProfile("srv -k {socket} {tls:--tls-creds={tls_dir}}")
     profile.check_config(ServerConfig(tls=True))
-    assert profile.command(ServerConfig(tls=True), tmp_path, "/s", "/c") == [
+    assert profile.prepare_command(ServerConfig(tls=True), tmp_path, "/s", "/c") == [
         "srv",
         "-k",
         "/s",
         "--tls-creds=/c",
     ]
-    assert profile.command(ServerConfig(), tmp_path, "/s", None) == ["srv", "-k", "/s"]
+    assert profile.prepare_command(ServerConfig(), tmp_path, "/s", None) == ["srv", "-k", "/s"]
 
 
 def test_command_template_skips_configurations_it_cannot_express():

@@ -312,9 +312,10 @@ class Profile:
     def export_name(self, config: ServerConfig) -> str:
         return config.export_name
 
-    def command(
+    def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
+        """Write what the server needs into WORKDIR (an image, a config file), return its argv."""
         raise NotImplementedError
 
     def serve_options(
@@ -353,7 +354,7 @@ class Profile:
         self.check_config(config)
         socket_path = str(workdir / "nbd.sock")
         export = self.export_name(config)
-        argv = self.command(config, workdir, socket_path, tls_dir)
+        argv = self.prepare_command(config, workdir, socket_path, tls_dir)
         server = self.launch(
             argv,
             workdir=workdir,

@@ -88,7 +88,7 @@ class CommandProfile(Profile):
         if config.tls and "tls_dir" not in self.fields:
             raise ProfileCannotDo("the --server-cmd template has no {tls_dir} placeholder")
 
-    def command(
+    def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         values = {

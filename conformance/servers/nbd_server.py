@@ -143,7 +143,7 @@ class NbdServer(Profile):
             + "".join(f"\t{line}\n" for line in export)
         )
 
-    def command(
+    def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         conf = workdir / "nbd-server.conf"

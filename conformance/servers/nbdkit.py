@@ -70,7 +70,7 @@ class Nbdkit(Profile):
         ),
     )
 
-    def command(
+    def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         return nbdkit_argv(self.serve_options(config, socket_path, tls_dir, memory=config.size))

@@ -84,7 +84,7 @@ class QemuNbd(Profile):
         ),
     )
 
-    def command(
+    def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         image = workdir / "disk.img"

@@ -21,7 +21,7 @@ class Reference(Profile):
     deviations: tuple[Deviation, ...] = ()
     sets_minimum_block_size = True
 
-    def command(
+    def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
         return reference_argv(self.serve_options(config, socket_path, tls_dir, memory=config.size))
