@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
 import resource
 import shutil
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,21 +29,28 @@ from pathlib import Path
 import nbd  # libnbd's bindings, from Debian's python3-libnbd
 import pytest
 
+from conformance.servers.peers import ServeOptions, reference_argv
+from conformance.servers.process import ServerProcess, with_pythonpath
 from conformance.wire import Cmd, WireClient
 from conformance.wire.messages import pack_request
-from tests.processes import die_with_parent, stop, wait_until
+from tests.processes import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 DEADLINE = 10.0
 BLOCK = 64 * 1024
 
 
 @dataclass
 class Server:
-    proc: subprocess.Popen[bytes]
+    """A reference server process the harness started (conformance/servers/process.py)."""
+
+    process: ServerProcess
     sock: Path
     log: Path
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.process.process
 
     def stderr(self) -> str:
         return self.log.read_text(errors="replace")
@@ -58,12 +63,10 @@ class Server:
         return sock
 
 
-def _child_setup(fsize_limit: int | None) -> Callable[[], None]:
+def _file_size_limit(fsize_limit: int) -> Callable[[], None]:
     def setup() -> None:
-        die_with_parent()
-        if fsize_limit is not None:
-            # Python ignores SIGXFSZ, so writes past the limit fail with EFBIG.
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+        # Python ignores SIGXFSZ, so writes past the limit fail with EFBIG.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
     return setup
 
@@ -83,25 +86,21 @@ def launch(workdir: Path) -> Iterator[Callable[..., Server]]:
     def _launch(*args: str, fsize_limit: int | None = None) -> Server:
         name = f"s{len(started)}"
         sock, log = workdir / f"{name}.sock", workdir / f"{name}.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "reference_server", "-k", str(sock), *args],
-                cwd=REPO,
-                env=ENV,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=err,
-                preexec_fn=_child_setup(fsize_limit),
-            )
-        server = Server(proc, sock, log)
+        process = ServerProcess(
+            reference_argv(ServeOptions(socket=sock, extra=args)),
+            log_path=log,
+            env=with_pythonpath(REPO),
+            cwd=REPO,
+            child_setup=None if fsize_limit is None else _file_size_limit(fsize_limit),
+        )
+        server = Server(process, sock, log)
         started.append(server)
-        wait_until(lambda: sock.exists() or proc.poll() is not None, "the server to listen")
-        assert proc.poll() is None, f"the server exited early: {server.stderr()}"
+        process.wait_listening(sock, DEADLINE)
         return server
 
     yield _launch
     for server in started:
-        stop(server.proc)
+        server.process.stop()
     for server in started:
         assert "Traceback" not in server.stderr(), server.stderr()
 
