@@ -73,6 +73,10 @@ class Connection(asyncio.BufferedProtocol):
         self.backend: Backend | None = None
         #: Moves only through the table in connection_phases.py (see :meth:`_move`).
         self._phases = PhaseMachine(CONNECTION_TRANSITIONS)
+        # Mirrors of the machine's phase, read on every request (the hot path):
+        # only _move() changes them, right after the machine.
+        self.phase: Phase = self._phases.phase
+        self.closing = self.phase is Phase.CLOSED
         self._receive = context.receive_buffer
         self._into_payload = False
         self._queue: deque[tuple[events.Request, bool]] = deque()  # (command, budget taken)
@@ -88,18 +92,12 @@ class Connection(asyncio.BufferedProtocol):
         # start_tls returned), and the handshake core was told.
         self._tls_seen = False
 
-    @property
-    def phase(self) -> Phase:
-        return self._phases.phase
-
-    @property
-    def closing(self) -> bool:
-        return self._phases.phase is Phase.CLOSED
-
     def _move(self, trigger: Trigger) -> None:
         """The one place the phase changes (the table and its spec sections:
         connection_phases.py)."""
         self._phases.fire(trigger)
+        self.phase = self._phases.phase
+        self.closing = self.phase is Phase.CLOSED
 
     # ------------------------------------------------ asyncio.BufferedProtocol
 
