@@ -2,7 +2,7 @@
 
 The one thing both sides need: the profiles (:mod:`conformance.servers`) make
 a :class:`Target` for each server they start or are pointed at, and the
-clients (:mod:`conformance.client` for libnbd, :mod:`conformance.wire` for raw
+clients (:mod:`conformance.handle` for libnbd, :mod:`conformance.wire` for raw
 bytes) connect to a target.  Neither side imports the other.
 """
 
