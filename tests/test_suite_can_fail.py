@@ -13,12 +13,7 @@ little as one that never fails.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
@@ -26,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.suite_runs import run_pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BROKEN = Path(__file__).resolve().parent / "broken_servers"
@@ -62,30 +59,11 @@ def run_suite(tmp_path: Path, launcher: str, *selection: str, strict: bool = Fal
     """``pytest conformance -n 2 --server-cmd '<launcher> OPTIONS' SELECTION`` in a subprocess."""
     report = tmp_path / "report.json"
     template = f"{sys.executable} {BROKEN / launcher} {OPTIONS}"
-    argv = [sys.executable, "-m", "pytest", *selection, "-n", "2", "-q"]
-    argv += ["--server-cmd", template, f"--report={report}"]
+    argv = [*selection, "-n", "2", "-q", "--server-cmd", template, f"--report={report}"]
     if strict:
         argv.append("--nbd-strict")
-    # The outer pytest (maybe an xdist worker) must not leak into the inner one.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group: pytest and workers
-        output, _ = proc.communicate(timeout=10)
-        pytest.fail(f"the suite ran longer than {RUN_TIMEOUT}s:\n{output[-4000:]}")
-    assert proc.returncode in (0, 1), output[-4000:]
-    document = json.loads(report.read_text())
+    returncode, document, output = run_pytest(argv, report, RUN_TIMEOUT)
+    assert returncode in (0, 1), output[-4000:]
     assert document["profile"] == "command"
     assert document["strict"] is strict
     checks = document["checks"]

@@ -18,19 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from conformance.servers.peers import ServeOptions, reference_argv
 from conformance.servers.process import ServerProcess
+from tests.suite_runs import run_pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTY = REPO / "tests" / "broken_servers" / "faulty.py"
@@ -58,29 +54,11 @@ class Run:
 
 def run_suite(tmp_path: Path, *args: str, workers: int | None = 2) -> Run:
     report = tmp_path / "report.json"
-    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--report={report}"]
+    argv = ["-q", "-p", "no:cacheprovider", f"--report={report}"]
     if workers:
         argv += ["-n", str(workers)]
-    argv += list(args)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate(timeout=10)
-        pytest.fail(f"the suite ran longer than {RUN_TIMEOUT}s:\n{output[-4000:]}")
-    assert report.exists(), output[-4000:]
-    return Run(proc.returncode, json.loads(report.read_text()), output)
+    returncode, document, output = run_pytest([*argv, *args], report, RUN_TIMEOUT)
+    return Run(returncode, document, output)
 
 
 @contextlib.contextmanager
