@@ -178,6 +178,8 @@ class ConformancePlugin:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.profile = make_profile(config)
+        #: The server that runs for the whole session (--uri), probed after each check.
+        self.running = self.profile.running_server()
         self.strict = bool(
             config.getoption("nbd_strict") or getattr(config.option, "strict", False)
         )
@@ -256,7 +258,7 @@ class ConformancePlugin:
         evidence.begin()
         if _NOT_RUN in item.stash:
             raise NotRun(*item.stash[_NOT_RUN])
-        if self.profile.running_server() is not None:
+        if self.running is not None:
             gone = self.gone.read()
             if gone is not None:
                 raise NotRun(NotRunReason.GONE, gone.describe())
@@ -287,10 +289,11 @@ class ConformancePlugin:
         return result
 
     def _probe_after(self, item: pytest.Item) -> None:
-        running = self.profile.running_server()
-        if running is None or not item.stash.get(TOUCHED, False) or self.gone.read() is not None:
+        if self.running is None or not item.stash.get(TOUCHED, False):
             return
-        reason = probe(running)
+        if self.gone.read() is not None:
+            return
+        reason = probe(self.running)
         if reason is None:
             return
         workerinput = getattr(self.config, "workerinput", None)
@@ -361,7 +364,7 @@ class ConformancePlugin:
         results = list(self.collector.results.values())
         if not results:
             return
-        gone = self.gone.read() if self.profile.running_server() is not None else None
+        gone = self.gone.read() if self.running is not None else None
         target = describe_target(self.profile)
         write_summary(terminalreporter, results, target, gone, coverage_lines())
         path = self.config.getoption("report")

@@ -14,9 +14,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .admission import Admission
 from .backends.base import Backend
 from .budget import ByteBudget
-from .gate import AdmissionGate
+from .gate import AdmissionGate, Admittee
 from .protocol.export import ExportInfo
 from .protocol.handshake import HandshakeLimits
 from .trace import TraceLog
@@ -44,6 +45,17 @@ class ServerLimits:
     # Request and reply bytes held in memory, server-wide (see budget.py).
     max_inflight_bytes: int = 64 * 1024 * 1024
     handshake: HandshakeLimits = field(default_factory=HandshakeLimits)
+
+    def admission(self, *, shared: int, persistent: bool) -> Admission[Admittee]:
+        """The admission rules these limits set (``-e/--shared``, ``--persistent``)."""
+        return Admission(
+            shared=shared,
+            persistent=persistent,
+            max_handshaking=self.max_handshaking,
+            handshake_timeout=self.handshake_timeout,
+            progress_timeout=self.handshake_progress_timeout,
+            slot_wait=self.slot_wait,
+        )
 
 
 @dataclass

@@ -23,11 +23,10 @@ import socket
 import ssl
 from collections.abc import Iterable
 
-from .admission import Admission
 from .budget import ByteBudget
 from .connection import Connection
 from .context import ConnectionContext, Export, OpenConnections, ServerLimits
-from .gate import AdmissionGate, Admittee
+from .gate import AdmissionGate
 from .listener import Listener
 from .trace import TraceLog
 
@@ -55,14 +54,7 @@ class NBDServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="nbd-io"
         )
-        admission: Admission[Admittee] = Admission(
-            shared=shared,
-            persistent=persistent,
-            max_handshaking=self.limits.max_handshaking,
-            handshake_timeout=self.limits.handshake_timeout,
-            progress_timeout=self.limits.handshake_progress_timeout,
-            slot_wait=self.limits.slot_wait,
-        )
+        admission = self.limits.admission(shared=shared, persistent=persistent)
         self.admission = AdmissionGate(
             admission, lambda: self.request_shutdown("the last client left")
         )

@@ -26,13 +26,12 @@ from conformance.wire.messages import (
     pack_option,
     pack_request,
 )
-from reference_server.admission import Admission
 from reference_server.backends.memory import MemoryBackend
 from reference_server.budget import ByteBudget
 from reference_server.connection import Connection
 from reference_server.connection_phases import CONNECTION_TRANSITIONS, Phase, Trigger
 from reference_server.context import ConnectionContext, Export, OpenConnections, ServerLimits
-from reference_server.gate import AdmissionGate, Admittee
+from reference_server.gate import AdmissionGate
 from reference_server.protocol.export import ExportInfo
 from reference_server.protocol.phases import LocalProtocolError
 from tests.test_phases import SPEC, spec_sections
@@ -113,14 +112,7 @@ class Harness:
     def __init__(self, *, shared: int = 0, persistent: bool = True, **limits: Any) -> None:
         self.limits = ServerLimits(**limits)
         self.stopped: list[str] = []
-        admission: Admission[Admittee] = Admission(
-            shared=shared,
-            persistent=persistent,
-            max_handshaking=self.limits.max_handshaking,
-            handshake_timeout=self.limits.handshake_timeout,
-            progress_timeout=self.limits.handshake_progress_timeout,
-            slot_wait=self.limits.slot_wait,
-        )
+        admission = self.limits.admission(shared=shared, persistent=persistent)
         self.time = 1000.0  # the admission clock: moved by the test, never by the loop
         self.gate = AdmissionGate(
             admission, lambda: self.stopped.append("last client left"), clock=lambda: self.time

@@ -17,7 +17,6 @@ changed only through ``TRANSMISSION_TRANSITIONS``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from . import wire
@@ -39,12 +38,11 @@ from .phases import (
     TransmissionPhase,
     TransmissionTrigger,
 )
-from .reply_builder import Buffer, ReplyBuilder, nbd_error
+from .reply_builder import Buffer, ReplyBuilder, Tracer, nbd_error
 from .wire import RequestHeader
 
 __all__ = ["Buffer", "RequestRejected", "Transmission", "nbd_error"]
 
-Tracer = Callable[[str, str, Mapping[str, object]], None]
 
 # Commands whose range must lie inside the export, and the error when it does
 # not ("Error values": ENOSPC for writes, EINVAL for reads and trims).
