@@ -178,6 +178,15 @@ class Server:
                 return int(line.split()[1]) * 1024
         return None
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the server process (all its threads) so far."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return math.nan
+        # utime and stime are fields 14 and 15 of proc(5), in clock ticks.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 15) -> str:
         return "\n".join(self.server_process.log_text().splitlines()[-lines:])
 
@@ -246,9 +255,23 @@ def fio_argv(args: argparse.Namespace, server: Server, job: Job, *, timed: bool)
     return argv
 
 
-def run_fio(args: argparse.Namespace, server: Server, job: Job, *, timed: bool = True) -> float:
-    """Run one fio job; return its throughput in MiB/s (summed over connections)."""
+@dataclass(frozen=True)
+class FioRun:
+    """One fio job's outcome: throughput, and the server's CPU time per request."""
+
+    mib_s: float
+    requests: int
+    server_cpu: float  # seconds of CPU the server process used during the job
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return 1e6 * self.server_cpu / self.requests if self.requests else math.nan
+
+
+def run_fio(args: argparse.Namespace, server: Server, job: Job, *, timed: bool = True) -> FioRun:
+    """Run one fio job; its throughput in MiB/s (summed over connections) and server CPU."""
     argv = fio_argv(args, server, job, timed=timed)
+    cpu_before = server.cpu_seconds()
     timeout = (args.runtime if timed else 0) + args.fio_timeout
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -268,12 +291,14 @@ def run_fio(args: argparse.Namespace, server: Server, job: Job, *, timed: bool =
         report = json.loads(done.stdout[start:])
     except ValueError:
         raise BenchError(f"fio printed no JSON for {job.name}: {done.stdout[:500]}") from None
+    cpu = server.cpu_seconds() - cpu_before
     direction = "write" if "write" in job.rw else "read"
     total = sum(j[direction]["bw_bytes"] for j in report["jobs"])
+    requests = sum(j[direction]["total_ios"] for j in report["jobs"])
     errors = sum(j.get("error", 0) for j in report["jobs"])
     if errors:
         raise BenchError(f"fio {job.name} against {server.kind.name} reported errors")
-    return total / MiB
+    return FioRun(total / MiB, requests, cpu)
 
 
 def prefill(args: argparse.Namespace, server: Server) -> None:
@@ -288,6 +313,8 @@ def prefill(args: argparse.Namespace, server: Server) -> None:
 class Results:
     servers: list[str]
     samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    # Server CPU microseconds per request, per job (less sensitive to load than MiB/s).
+    cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     rss: dict[str, int | None] = field(default_factory=dict)
     big_rss: dict[str, int | None] = field(default_factory=dict)
     big_mibs: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -434,7 +461,11 @@ def run(args: argparse.Namespace) -> Results:
     if not any(SERVERS[n].ours for n in names) or all(SERVERS[n].ours for n in names):
         print("note: ratios need a reference variant and a peer", file=sys.stderr)
     check_tools(names)
-    results = Results(names, {n: {j.name: [] for j in JOBS} for n in names})
+    results = Results(
+        names,
+        {n: {j.name: [] for j in JOBS} for n in names},
+        {n: {j.name: [] for j in JOBS} for n in names},
+    )
     results.load["start"] = os.getloadavg()[0]
     if results.load["start"] > 0.5 * (os.cpu_count() or 1):
         print(
@@ -452,10 +483,13 @@ def run(args: argparse.Namespace) -> Results:
                 order = names[rep % len(names) :] + names[: rep % len(names)]
                 for job in JOBS:
                     for name in order:
-                        mibs = run_fio(args, servers[name], job)
-                        results.samples[name][job.name].append(mibs)
+                        outcome = run_fio(args, servers[name], job)
+                        results.samples[name][job.name].append(outcome.mib_s)
+                        results.cpu[name][job.name].append(outcome.cpu_us_per_request)
                         print(
-                            f"  rep {rep + 1} {job.name:26} {name:15} {mibs:9.1f} MiB/s", flush=True
+                            f"  rep {rep + 1} {job.name:26} {name:15} {outcome.mib_s:9.1f} MiB/s"
+                            f" {outcome.cpu_us_per_request:9.1f} us CPU/request",
+                            flush=True,
                         )
             results.rss = {name: s.peak_rss() for name, s in servers.items()}
         if not args.no_rss_check:
@@ -463,7 +497,7 @@ def run(args: argparse.Namespace) -> Results:
                 with running(args, [name], workdir, "rss") as servers:
                     server = servers[name]
                     results.big_mibs[name] = {
-                        job.name: run_fio(args, server, job) for job in RSS_JOBS
+                        job.name: run_fio(args, server, job).mib_s for job in RSS_JOBS
                     }
                     results.big_rss[name] = server.peak_rss()
                     print(f"  32M {name:15} peak RSS {_mib(results.big_rss[name])} MiB", flush=True)

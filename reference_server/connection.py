@@ -18,6 +18,7 @@ import functools
 import logging
 import ssl
 from collections import deque
+from typing import cast
 
 from .admission import Deadline, Expired, Verdict
 from .backends.base import Backend
@@ -46,12 +47,14 @@ MAX_UNSENT = 8 * 1024 * 1024
 # Larger transfers, FLUSH and FUA (which wait for the disk) use the pool.
 INLINE_BELOW = 64 * 1024
 _FUA = CommandFlag.FUA.value
+_READ = Command.READ
+_FLUSH = Command.FLUSH
 
 
 def _cost(event: events.Request) -> int:
     """Bytes a request holds in memory: its payload, or the data a read returns."""
     request = event.header
-    return len(event.payload) + (request.length if request.command == Command.READ else 0)
+    return len(event.payload) + (request.length if request.command == _READ else 0)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -102,8 +105,8 @@ class Connection(asyncio.BufferedProtocol):
     # ------------------------------------------------ asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's do not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         context = self.context
         context.connections.add(self)
         self.handshake = Handshake(
@@ -338,7 +341,7 @@ class Connection(asyncio.BufferedProtocol):
             if self.phase is Phase.DRAINING:
                 break
             event = tx.next_event()
-            if isinstance(event, events.Request):
+            if type(event) is events.Request:
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
                 if self.phase is Phase.SHUTTING_DOWN:
@@ -347,7 +350,15 @@ class Connection(asyncio.BufferedProtocol):
                     error = tx.replies.error(event.header, Errno.ESHUTDOWN, "server shutting down")
                     self._send(error, _cost(event) if taken else 0)
                     continue
-                self._queue.append((event, taken))
+                if (
+                    self._inflight < limit
+                    and self._replies.unsent <= MAX_UNSENT
+                    and (taken or budget.try_take(_cost(event)))
+                ):
+                    # Nothing waits before it (the queue is empty here): run it now.
+                    self._dispatch(event)
+                else:
+                    self._queue.append((event, taken))
                 continue
             if isinstance(event, events.Close):
                 self.note(f"closing: {event.reason}")
@@ -373,9 +384,7 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight += 1
         request = event.header
         if backend.blocking and (
-            request.command == Command.FLUSH
-            or request.flags & _FUA
-            or request.length >= INLINE_BELOW
+            request.length >= INLINE_BELOW or request.command == _FLUSH or request.flags & _FUA
         ):
             future = asyncio.get_running_loop().run_in_executor(
                 self.context.executor, execute, tx.replies, event, backend
@@ -407,11 +416,12 @@ class Connection(asyncio.BufferedProtocol):
     def _done(self, event: events.Request, reply: list[Buffer]) -> None:
         self._inflight -= 1
         cost = _cost(event)
-        if isinstance(event.payload, bytearray):
+        payload = event.payload
+        if type(payload) is bytearray:
             # Free the written payload now: a worker thread may hold a reference
             # a little longer, and the budget is about to let another one in.
             with contextlib.suppress(BufferError):
-                event.payload.clear()
+                payload.clear()
         self._send(reply, cost)
 
     def _send(self, buffers: list[Buffer], cost: int = 0) -> None:

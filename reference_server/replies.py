@@ -24,7 +24,9 @@ WRITE_SLICE = 256 * 1024
 class ReplyQueue:
     def __init__(self, budget: ByteBudget) -> None:
         self._budget = budget
-        self._items: deque[memoryview | int] = deque()
+        # Replies' buffers (large ones as memoryviews, so slicing copies
+        # nothing) and budget markers.
+        self._items: deque[Buffer | int] = deque()
         #: Reply bytes queued and not yet handed to the transport.
         self.unsent = 0
         #: The transport asked us to stop writing (asyncio's pause_writing).
@@ -32,10 +34,14 @@ class ReplyQueue:
 
     def add(self, buffers: list[Buffer], cost: int = 0) -> None:
         """Queue one reply; ``cost`` returns to the budget once it is handed over."""
+        items = self._items
         for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            self._items.append(view)
-            self.unsent += len(view)
+            if type(buffer) is memoryview:
+                buffer = buffer.cast("B")
+            elif len(buffer) >= JOIN_BELOW:
+                buffer = memoryview(buffer)
+            items.append(buffer)
+            self.unsent += len(buffer)
         if cost:
             self._items.append(cost)
 
@@ -45,7 +51,7 @@ class ReplyQueue:
             self.discard()
             return
         items, budget = self._items, self._budget
-        batch: list[memoryview] = []
+        batch: list[Buffer] = []
         size = 0
         while items and not self.paused:
             if transport.is_closing():  # the client hung up during this flush
@@ -83,6 +89,6 @@ class ReplyQueue:
         self._items.clear()
         self.unsent = 0
 
-    def _write(self, transport: asyncio.Transport, data: bytes | memoryview, size: int) -> None:
+    def _write(self, transport: asyncio.Transport, data: Buffer, size: int) -> None:
         self.unsent -= size
         transport.write(data)  # may call pause_writing() before returning

@@ -53,9 +53,9 @@ def check_extents(b: Backend, offset: int, length: int) -> list[Extent]:
     return extents
 
 
-def allocation(b: Backend, offset: int, length: int) -> list[tuple[int, int, StateFlag]]:
-    """(start, length, flags) runs, adjacent equal runs merged."""
-    runs: list[tuple[int, int, StateFlag]] = []
+def allocation(b: Backend, offset: int, length: int) -> list[tuple[int, int, int]]:
+    """(start, length, flags) runs, adjacent equal runs merged (flags: StateFlag bits)."""
+    runs: list[tuple[int, int, int]] = []
     pos = offset
     for e in check_extents(b, offset, length):
         if runs and runs[-1][2] == e.flags:

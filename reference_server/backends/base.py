@@ -12,14 +12,12 @@ from __future__ import annotations
 import abc
 from typing import NamedTuple
 
-from ..protocol.constants import StateFlag
-
 
 class Extent(NamedTuple):
     """A run of bytes with one base:allocation status."""
 
     length: int
-    flags: StateFlag
+    flags: int  # StateFlag bits as a plain int: IntFlag arithmetic is slow per request
 
 
 class Backend(abc.ABC):

@@ -20,8 +20,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_HOLE = StateFlag.HOLE | StateFlag.ZERO
-_DATA = StateFlag(0)
+_HOLE = (StateFlag.HOLE | StateFlag.ZERO).value
+_DATA = 0
 _ZERO_CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -14,8 +14,8 @@ from .base import Backend, Extent
 PAGE_SIZE = 32 * 1024
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_VIEW = memoryview(_ZERO_PAGE)
-_HOLE = StateFlag.HOLE | StateFlag.ZERO
-_DATA = StateFlag(0)
+_HOLE = (StateFlag.HOLE | StateFlag.ZERO).value
+_DATA = 0
 
 
 class MemoryBackend(Backend):
@@ -124,7 +124,7 @@ class MemoryBackend(Backend):
                 allocated = sorted(i for i in self._pages if first <= i <= last)
         result: list[Extent] = []
 
-        def add(n: int, flags: StateFlag) -> None:
+        def add(n: int, flags: int) -> None:
             if result and result[-1].flags == flags:
                 result[-1] = Extent(result[-1].length + n, flags)
             else:
@@ -141,6 +141,14 @@ class MemoryBackend(Backend):
         if pos < end:
             add(end - pos, _HOLE)
         return result
+
+    def read_extents(self, length: int, offset: int) -> list[Extent]:
+        """Data or holes for a read: a range within written pages is answered at once."""
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        pages = self._pages
+        if last - first < 8 and all(i in pages for i in range(first, last + 1)):
+            return [Extent(length, _DATA)]
+        return self.extents(length, offset)
 
     @property
     def allocated_bytes(self) -> int:

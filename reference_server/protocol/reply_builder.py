@@ -173,8 +173,12 @@ class ReplyBuilder:
                 [wire.pack_chunk_header(request, ReplyFlag.DONE, ChunkType.NONE, 0)], [], None
             )
         plan = ReadPlan([], [], traced)
-        if request.flags & _DF:
-            # DF: at most one content chunk, zeroes written out explicitly.
+        if request.flags & _DF or (
+            len(extents) == 1 and extents[0].length >= length and not extents[0].flags & _ZERO
+        ):
+            # DF asks for at most one content chunk, zeroes written out
+            # explicitly; a range that is all data needs no more (the common
+            # case, answered without the run-merging below).
             self._data_chunk(plan, request, _DONE, offset, length)
             return plan
         # Runs of data and of zeroes: zeroes become OFFSET_HOLE chunks.
