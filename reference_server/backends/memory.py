@@ -146,7 +146,9 @@ class MemoryBackend(Backend):
         """Data or holes for a read: a range within written pages is answered at once."""
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
         pages = self._pages
-        if last - first < 8 and all(i in pages for i in range(first, last + 1)):
+        if first in pages and (
+            first == last or (last - first < 8 and all(i in pages for i in range(first, last + 1)))
+        ):
             return [Extent(length, _DATA)]
         return self.extents(length, offset)
 
