@@ -283,8 +283,8 @@ TOY_CHECKS = {
     "unknown-info": ("test_option_replies", "test_unknown_information_requests_are_ignored", ()),
     "info-once": ("test_option_replies", "test_each_information_type_is_sent_once", ()),
     "no-nul": ("test_option_replies", "test_strings_the_server_sends_have_no_nul", ()),
-    "context-names": ("test_option_replies", "test_context_names_are_valid_strings", ()),
-    "list-ids-zero": ("test_option_replies", "test_listed_context_ids_are_zero", ()),
+    "context-names": ("test_meta_context_options", "test_context_names_are_valid_strings", ()),
+    "list-ids-zero": ("test_meta_context_options", "test_listed_context_ids_are_zero", ()),
     "notls-starttls": ("test_tls", "test_starttls_without_tls_gets_policy_or_unsup", ()),
     "notls-no-tls-reqd": ("test_tls", "test_notls_server_never_answers_tls_reqd", ()),
 }

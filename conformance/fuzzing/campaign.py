@@ -35,10 +35,7 @@ from conformance.handle import close_handle
 from conformance.spec import SpecViolation, unsupported
 from conformance.wire import messages as m
 from conformance.wire import session as s
-from conformance.wire.constants import (
-    EXTENDED_REQUEST_MAGIC,
-    REQUEST_MAGIC,
-)
+from conformance.wire.constants import EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC
 
 SEED_ENV = "NBD_FUZZ_SEED"
 DEFAULT_SEED = 0x4E424446  # "NBDF": the same cases every run unless told otherwise

@@ -54,3 +54,17 @@ def refused(outcome: object) -> bool:
     if isinstance(outcome, str):
         return outcome == DISCONNECT
     return bool(outcome.final.is_error)  # type: ignore[attr-defined]
+
+
+def option_outcome(
+    client: WireClient, option: int, data: bytes, *, length: int | None = None, wait: float = WAIT
+) -> str:
+    """Send an option; the name of the final reply's type, DISCONNECT, or 'no reply within Ns'."""
+    try:
+        client.send_option(option, data, length=length)
+    except Disconnected:
+        return DISCONNECT
+    outcome = final_option_reply(client, wait)
+    if outcome == NO_REPLY:
+        return f"{NO_REPLY} within {wait}s"
+    return outcome if isinstance(outcome, str) else outcome.type.name
