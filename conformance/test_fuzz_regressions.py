@@ -11,7 +11,7 @@ import contextlib
 
 import pytest
 
-from conformance.spec import MUST, SpecViolation, spec, unsupported
+from conformance.spec import MUST, SpecViolation, spec
 from conformance.wire import Cmd, Disconnected, Opt, ProtocolViolation
 from conformance.wire import messages as m
 from conformance.wire import session as s
@@ -62,11 +62,7 @@ def test_bad_magic_right_after_a_request_that_fails(server, replies):
     failed", the error reply racing the disconnect.)"""
     for i in range(REPEAT):
         try:
-            client, export = s.transmission(server, structured=replies == "structured")
-        except ProtocolViolation as exc:
-            if replies == "structured" and "STRUCTURED_REPLY" in str(exc):
-                unsupported("the server does not negotiate NBD_OPT_STRUCTURED_REPLY")
-            raise
+            client, export = s.transmission_with(server, replies)
         except (OSError, Disconnected) as exc:
             raise SpecViolation(
                 f"client {i} after {i} requests with a bad magic",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from . import session
 from .client import Disconnected, WireClient
 from .results import OptionResult
 
@@ -68,3 +69,29 @@ def option_outcome(
     if outcome == NO_REPLY:
         return f"{NO_REPLY} within {wait}s"
     return outcome if isinstance(outcome, str) else outcome.type.name
+
+
+def option_on_new_connection(
+    server: Any,
+    option: int,
+    data: bytes,
+    *,
+    length: int | None = None,
+    first: tuple[int, ...] = (),
+) -> OptionResult | str:
+    """Negotiate a new connection, send OPTION (after the options FIRST), and judge the answer.
+
+    The replies to OPTION, DISCONNECT or NO_REPLY; the connection is closed
+    afterwards.  The options in FIRST (e.g. NBD_OPT_STRUCTURED_REPLY before a
+    metadata-context option) are sent and their replies read first.
+    """
+    client = session.negotiated(server)
+    try:
+        for earlier in first:
+            client.option(earlier)
+        client.send_option(option, data, length=length)
+        return final_option_reply(client)
+    except Disconnected:
+        return DISCONNECT
+    finally:
+        client.close()
