@@ -3,8 +3,7 @@
 Every complete option gets exactly one final reply, in order; bytes left over
 after NBD_OPT_GO are exactly the client's; no exception escapes.
 
-No backend is involved; the settings, the seed and the shared strategies are
-tests/core_fuzzing.py's (its docstring says what is checked and how to fuzz harder).
+Settings, seed and shared strategies: tests/core_fuzzing.py (how to fuzz harder too).
 """
 
 from __future__ import annotations

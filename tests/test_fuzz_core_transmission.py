@@ -5,8 +5,7 @@ builder (:func:`serve`), the way ``reference_server/dispatch.py`` runs it
 against a backend; a shadow copy of the export predicts every successful
 read, every complete request gets exactly one final reply with its cookie.
 
-No backend is involved; the settings, the seed and the shared strategies are
-tests/core_fuzzing.py's (its docstring says what is checked and how to fuzz harder).
+Settings, seed and shared strategies: tests/core_fuzzing.py (how to fuzz harder too).
 """
 
 from __future__ import annotations

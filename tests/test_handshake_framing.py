@@ -1,10 +1,6 @@
 """Option haggling's framing: the greeting, client flags, option headers, limits, refusal.
 
-Unit tests of the sans-IO option-haggling state machine (protocol/handshake.py).
-
-Bytes in, events and bytes out, through tests/handshake_client.py: client messages
-are built with ``struct`` straight from proto.md, never with
-reference_server.protocol.wire.
+Unit tests of protocol/handshake.py, driven by tests/handshake_client.py.
 """
 
 from __future__ import annotations

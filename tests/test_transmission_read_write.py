@@ -1,10 +1,7 @@
 """READ, WRITE, FLUSH, DISC and the maximum payload.
 
-Unit tests of the sans-IO transmission phase (protocol/transmission.py), also for
-requests split or pipelined across receive_data() calls.
-Driven through tests/transmission_driver.py: the real Handshake (bytes in), request
-bytes built with ``struct`` from proto.md ("Request message") and the EXTENDED_HEADERS
-extension, the dispatch layer against a MemoryBackend, and an independent reply parser.
+Also requests split or pipelined across receive_data() calls.  Unit tests of
+protocol/transmission.py, driven by tests/transmission_driver.py.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
 """TRIM, CACHE and WRITE_ZEROES (with NBD_CMD_FLAG_FAST_ZERO).
 
-Unit tests of the sans-IO transmission phase (protocol/transmission.py).
-Driven through tests/transmission_driver.py: the real Handshake (bytes in), request
-bytes built with ``struct`` from proto.md ("Request message") and the EXTENDED_HEADERS
-extension, the dispatch layer against a MemoryBackend, and an independent reply parser.
+Unit tests of protocol/transmission.py, driven by tests/transmission_driver.py.
 """
 
 from __future__ import annotations
