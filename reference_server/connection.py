@@ -18,6 +18,7 @@ import functools
 import logging
 import ssl
 from collections import deque
+from collections.abc import Sequence
 from typing import cast
 
 from .admission import Deadline, Expired, Verdict
@@ -25,15 +26,16 @@ from .backends.base import Backend
 from .budget import ByteBudget
 from .connection_phases import CONNECTION_TRANSITIONS, Phase, Trigger
 from .context import ConnectionContext
-from .dispatch import execute
+from .dispatch import ReplyPart, execute
 from .gate import Admittee
 from .protocol import events
 from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
 from .protocol.phases import PhaseMachine
-from .protocol.transmission import Buffer, Transmission
+from .protocol.transmission import Transmission
 from .replies import ReplyQueue
+from .socket_writer import SocketWriter
 
 log = logging.getLogger("reference_server")
 
@@ -89,6 +91,8 @@ class Connection(asyncio.BufferedProtocol):
         self._queue: deque[tuple[events.Request, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
         self._replies = ReplyQueue(context.budget)
+        # Set in the transmission phase on a plain socket (replies.py).
+        self._writer: SocketWriter | None = None
         self._inflight = 0
         self._pumping = False
         self._reading = True
@@ -222,6 +226,7 @@ class Connection(asyncio.BufferedProtocol):
         self._payload_taken = 0
         self._queue.clear()
         self._replies.discard()
+        self._close_writer()
         budget.give(returned)
         self._update_idle()
         context.admission.depart(self)
@@ -298,6 +303,9 @@ class Connection(asyncio.BufferedProtocol):
         self._move(Trigger.NEGOTIATED)
         self.backend = self.context.exports[negotiated.export.name].backend
         self.transmission = Transmission(negotiated, trace=self.tracer)
+        assert self.transport is not None
+        self._writer = SocketWriter.for_transport(self.transport, self.resume_writing)
+        self._replies.writer = self._writer
         self.handshake = None
         if buffered:
             self.transmission.receive_data(buffered)
@@ -387,17 +395,23 @@ class Connection(asyncio.BufferedProtocol):
         assert tx is not None and backend is not None
         self._inflight += 1
         request = event.header
+        zero_copy = self._writer is not None
         if backend.blocking and (
             request.length >= INLINE_BELOW or request.command == _FLUSH or request.flags & _FUA
         ):
+            if zero_copy and request.command == _READ and backend.zero_copy_reads:
+                # Nothing is read now: the reply names a region of the file
+                # in memory, which the socket writer sends.
+                self._done(event, execute(tx.replies, event, backend, zero_copy=True))
+                return
             future = asyncio.get_running_loop().run_in_executor(
                 self.context.executor, execute, tx.replies, event, backend
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
-            self._done(event, execute(tx.replies, event, backend))
+            self._done(event, execute(tx.replies, event, backend, zero_copy=zero_copy))
 
-    def _finished(self, event: events.Request, future: asyncio.Future[list[Buffer]]) -> None:
+    def _finished(self, event: events.Request, future: asyncio.Future[Sequence[ReplyPart]]) -> None:
         try:
             reply = future.result()
         except Exception:  # a bug, not a client error: drop this client, serve others
@@ -417,7 +431,7 @@ class Connection(asyncio.BufferedProtocol):
         """
         asyncio.get_running_loop().call_soon(self._pump)
 
-    def _done(self, event: events.Request, reply: list[Buffer]) -> None:
+    def _done(self, event: events.Request, reply: Sequence[ReplyPart]) -> None:
         self._inflight -= 1
         cost = _cost(event)
         payload = event.payload
@@ -428,7 +442,7 @@ class Connection(asyncio.BufferedProtocol):
                 payload.clear()
         self._send(reply, cost)
 
-    def _send(self, buffers: list[Buffer], cost: int = 0) -> None:
+    def _send(self, buffers: Sequence[ReplyPart], cost: int = 0) -> None:
         """Queue a reply; ``cost`` returns to the budget once it is all handed over.
 
         During a pass of :meth:`_pump` nothing is written until the pass ends,
@@ -480,8 +494,16 @@ class Connection(asyncio.BufferedProtocol):
         if self.phase is not Phase.CLOSED:
             self._move(Trigger.CLOSE)
             self.context.admission.negotiated(self)
+        # The writer's descriptor would keep the socket open after the transport's.
+        self._close_writer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._replies.writer = None
+            self._writer.close()
+            self._writer = None
 
     def note(self, text: str) -> None:
         if self.tracer is not None:

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .backends.base import Backend
+from .backends.base import Backend, ReadPart
 from .protocol.constants import Command, CommandFlag
 from .protocol.events import Request
-from .protocol.reply_builder import Buffer, ExtentLike, ReplyBuilder, nbd_error
+from .protocol.reply_builder import ExtentLike, ReplyBuilder, nbd_error
 from .protocol.wire import RequestHeader
 
 # Command flag bits as plain ints: RequestHeader.flags is an int on the hot path.
+#: A part of a reply: bytes, or for a read's data the backend's own parts.
+ReplyPart = ReadPart
+
 _FUA = CommandFlag.FUA.value
 _NO_HOLE = CommandFlag.NO_HOLE.value
 _FAST_ZERO = CommandFlag.FAST_ZERO.value
@@ -33,13 +36,20 @@ _READ, _WRITE, _FLUSH, _TRIM = Command.READ, Command.WRITE, Command.FLUSH, Comma
 _WRITE_ZEROES, _CACHE, _BLOCK_STATUS = Command.WRITE_ZEROES, Command.CACHE, Command.BLOCK_STATUS
 
 
-def execute(replies: ReplyBuilder, request: Request, backend: Backend) -> list[Buffer]:
-    """Run one validated request; return the buffers of its whole reply."""
+def execute(
+    replies: ReplyBuilder, request: Request, backend: Backend, *, zero_copy: bool = False
+) -> Sequence[ReplyPart]:
+    """Run one validated request; return the parts of its whole reply.
+
+    With ``zero_copy`` (the connection's socket writer sends file regions
+    and views as they are) a read's data may be parts of the backend
+    itself (:meth:`~.backends.base.Backend.read_parts`).
+    """
     header = request.header
     command = header.command
     try:
         if command == _READ:
-            return _read(replies, header, backend)
+            return _read(replies, header, backend, zero_copy)
         if command == _BLOCK_STATUS:
             return replies.block_status(header, backend.extents(header.length, header.offset))
         fua = bool(header.flags & _FUA)
@@ -66,11 +76,23 @@ def execute(replies: ReplyBuilder, request: Request, backend: Backend) -> list[B
     return replies.ok(header)
 
 
-def _read(replies: ReplyBuilder, header: RequestHeader, backend: Backend) -> list[Buffer]:
-    """A read: the builder plans the reply, the backend fills its data regions."""
+def _read(
+    replies: ReplyBuilder, header: RequestHeader, backend: Backend, zero_copy: bool
+) -> Sequence[ReplyPart]:
+    """A read: the builder plans the reply, the backend fills its data regions.
+
+    Or, with ``zero_copy`` and a reply that carries the data in one piece,
+    the builder frames it and the backend's own parts follow.
+    """
     extents: Sequence[ExtentLike] = ()
     if replies.read_wants_extents(header):
         extents = backend.read_extents(header.length, header.offset)
+    if zero_copy:
+        head = replies.read_head(header, extents)
+        if head is not None:
+            parts = backend.read_parts(header.length, header.offset)
+            if parts is not None:
+                return [head, *parts]
     plan = replies.read(header, extents)
     for region, offset in plan.fills:
         backend.pread_into(region, offset)

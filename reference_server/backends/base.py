@@ -20,6 +20,18 @@ class Extent(NamedTuple):
     flags: int  # StateFlag bits as a plain int: IntFlag arithmetic is slow per request
 
 
+class FileRegion(NamedTuple):
+    """Bytes of an open file, sent from the page cache (``os.sendfile``) without a copy."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+#: What a reply can carry a read's data as: memory, or a region of a file.
+ReadPart = bytes | bytearray | memoryview | FileRegion
+
+
 class Backend(abc.ABC):
     """A fixed-size byte array that may be shared by many connections.
 
@@ -32,6 +44,8 @@ class Backend(abc.ABC):
     size: int
     #: True when calls block on I/O and should run outside the event loop.
     blocking: bool = False
+    #: True when :meth:`read_parts` always answers, without blocking.
+    zero_copy_reads: bool = False
     #: Whether ``zero(..., fast=True)`` can ever succeed.
     can_fast_zero: bool = True
 
@@ -42,6 +56,18 @@ class Backend(abc.ABC):
     def pread_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from ``offset``: lets a reply be built in one buffer."""
         view[:] = self.pread(len(view), offset)
+
+    def read_parts(self, length: int, offset: int) -> list[ReadPart] | None:
+        """A range as parts a reply can carry as they are: views of the backend's
+        memory, or regions of its file (the socket writer sends them without
+        copying).  None when the backend cannot (the data is then read into
+        the reply with :meth:`pread_into`).
+
+        The parts are read when they are sent, not now: a write that lands in
+        between shows in them, as if the two requests had run in the other
+        order ("The server MAY process commands out of order").
+        """
+        return None
 
     @abc.abstractmethod
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:

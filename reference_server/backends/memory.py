@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 
 from ..protocol.constants import StateFlag
-from .base import Backend, Extent
+from .base import Backend, Extent, ReadPart
 
 PAGE_SIZE = 32 * 1024
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -21,6 +21,7 @@ _DATA = 0
 class MemoryBackend(Backend):
     blocking = False
     can_fast_zero = True
+    zero_copy_reads = True
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -48,6 +49,21 @@ class MemoryBackend(Backend):
                 elif not fresh:
                     view[pos : pos + n] = _ZERO_VIEW[:n]
                 pos += n
+
+    def read_parts(self, length: int, offset: int) -> list[ReadPart]:
+        """Views of the pages (and of one page of zeroes for holes)."""
+        parts: list[ReadPart] = []
+        pages = self._pages
+        pos = 0
+        while pos < length:
+            index, start = divmod(offset + pos, PAGE_SIZE)
+            n = min(PAGE_SIZE - start, length - pos)
+            page = pages.get(index)
+            parts.append(
+                memoryview(page)[start : start + n] if page is not None else _ZERO_VIEW[:n]
+            )
+            pos += n
+        return parts
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         src = memoryview(data).cast("B")

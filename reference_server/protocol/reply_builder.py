@@ -217,6 +217,31 @@ class ReplyBuilder:
                 )
         return plan
 
+    def read_head(self, request: RequestHeader, extents: Sequence[ExtentLike] = ()) -> bytes | None:
+        """The bytes before a read's data when its reply carries the data in one piece.
+
+        That is a simple reply, or one NBD_REPLY_TYPE_OFFSET_DATA chunk (the
+        range is all data, or NBD_CMD_FLAG_DF asks for one chunk); the
+        caller sends the data right after.  None when the reply needs more
+        (OFFSET_HOLE chunks, or no data at all): use :meth:`read`.
+        """
+        length, offset = request.length, request.offset
+        if not length:
+            return None
+        if not self._structured:
+            if self._trace:
+                self._trace_reply(request, "simple reply", error=Errno.OK, length=length)
+            return wire.pack_simple_reply(0, request.cookie)
+        one_run = len(extents) == 1 and extents[0].length >= length
+        if not (request.flags & _DF or (one_run and not extents[0].flags & _ZERO)):
+            return None
+        header = wire.pack_chunk_header(request, _DONE, _OFFSET_DATA, 8 + length)
+        if self._trace:
+            self._trace_reply(
+                request, "chunk", type=_OFFSET_DATA, flags=_DONE, offset=offset, length=length
+            )
+        return header + wire.OFFSET_DATA_PREFIX.pack(offset)
+
     def read_filled(self, request: RequestHeader, plan: ReadPlan) -> list[Buffer]:
         """Storage filled every region of ``plan``: its buffers are the reply."""
         if plan.traced:
