@@ -395,20 +395,15 @@ class Connection(asyncio.BufferedProtocol):
         assert tx is not None and backend is not None
         self._inflight += 1
         request = event.header
-        zero_copy = self._writer is not None
         if backend.blocking and (
             request.length >= INLINE_BELOW or request.command == _FLUSH or request.flags & _FUA
         ):
-            if zero_copy and request.command == _READ and backend.zero_copy_reads:
-                # Nothing is read now: the reply names a region of the file
-                # in memory, which the socket writer sends.
-                self._done(event, execute(tx.replies, event, backend, zero_copy=True))
-                return
             future = asyncio.get_running_loop().run_in_executor(
                 self.context.executor, execute, tx.replies, event, backend
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
+            zero_copy = self._writer is not None
             self._done(event, execute(tx.replies, event, backend, zero_copy=zero_copy))
 
     def _finished(self, event: events.Request, future: asyncio.Future[Sequence[ReplyPart]]) -> None:

@@ -44,8 +44,6 @@ class Backend(abc.ABC):
     size: int
     #: True when calls block on I/O and should run outside the event loop.
     blocking: bool = False
-    #: True when :meth:`read_parts` always answers, without blocking.
-    zero_copy_reads: bool = False
     #: Whether ``zero(..., fast=True)`` can ever succeed.
     can_fast_zero: bool = True
 

@@ -81,9 +81,11 @@ class FileBackend(Backend):
         self._can_punch: bool | None = None if self._regular else False
         self._can_zero_range: bool | None = None if self._regular else False
         self.can_fast_zero = self._regular
-        # A file on tmpfs is memory: its reads never wait for a device, so
-        # they are sent straight from the page cache (read_parts).
-        self.zero_copy_reads = self._regular and on_memory_filesystem(self._fd)
+        # A file on tmpfs is memory: nothing done to it waits for a device,
+        # so it is served on the event loop, and its reads are sent straight
+        # from the page cache (read_parts).
+        self._in_memory = self._regular and on_memory_filesystem(self._fd)
+        self.blocking = not self._in_memory
 
     def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
         data = os.pread(self._fd, length, offset)
@@ -108,7 +110,7 @@ class FileBackend(Backend):
 
     def read_parts(self, length: int, offset: int) -> list[ReadPart] | None:
         """The range as a region of the file, when the file is in memory (tmpfs)."""
-        if not self.zero_copy_reads:
+        if not self._in_memory:
             return None
         return [FileRegion(self._fd, offset, length)]
 

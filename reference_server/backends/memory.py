@@ -21,7 +21,6 @@ _DATA = 0
 class MemoryBackend(Backend):
     blocking = False
     can_fast_zero = True
-    zero_copy_reads = True
 
     def __init__(self, size: int) -> None:
         self.size = size
