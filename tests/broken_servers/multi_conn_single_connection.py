@@ -22,7 +22,7 @@ MODES = ("read-only", "always")
 
 def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from reference_server import cli
+    from reference_server import cli, export_spec
     from reference_server.protocol.constants import TransmissionFlag
     from reference_server.protocol.export import ExportInfo
 
@@ -40,7 +40,8 @@ def main() -> int:
                 flags |= TransmissionFlag.CAN_MULTI_CONN
             return flags
 
-    setattr(cli, "ExportInfo", MultiConnExportInfo)  # noqa: B010 - patch the CLI's name
+    # The name export_spec.export_info builds every export with.
+    setattr(export_spec, "ExportInfo", MultiConnExportInfo)  # noqa: B010 - patch the name
     return cli.main(sys.argv[2:])
 
 
