@@ -91,6 +91,23 @@ BAD_USAGE = [
     pytest.param(["--max-payload", "1K", "--memory", "1M"], "max-payload", id="max-payload"),
     pytest.param(["--tls-verify-peer", "--memory", "1M"], "tls-creds", id="verify-no-creds"),
     pytest.param(["--event-loop", "tornado", "--memory", "1M"], "event-loop", id="bad-loop"),
+    pytest.param(["--tls=on", "--memory", "1M"], "needs --tls-creds", id="tls-on-no-creds"),
+    pytest.param(
+        ["--tls=off", "--tls-creds=/x", "--memory", "1M"], "contradicts", id="tls-off-creds"
+    ),
+    pytest.param(["--tls-only", "--memory", "1M"], "needs --tls=on", id="tls-only-no-tls"),
+    pytest.param(["--export", "name=a", "--memory", "1M"], "memory= or file=", id="export-store"),
+    pytest.param(["--export", "memory=1M", "--memory", "1M"], "name=NAME", id="export-no-name"),
+    pytest.param(
+        ["--export", "name=a,memory=1M,colour=red", "--memory", "1M"], "colour", id="export-key"
+    ),
+    pytest.param(
+        ["--export", "name=a,memory=1M,tls-only=maybe", "--memory", "1M"], "on or off", id="bool"
+    ),
+    pytest.param(["--export", "name=,memory=1M", "--memory", "1M"], "two exports", id="dup"),
+    pytest.param(
+        ["--export", "name=a,memory=1M,tls-only=on", "--memory", "1M"], "--tls=on", id="no-tls"
+    ),
 ]
 
 

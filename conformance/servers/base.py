@@ -44,6 +44,15 @@ class ServerConfig:
     # A minimum block size to advertise and enforce ("Size constraints"); 1 is
     # the default constraint, which every server can do.
     minimum_block_size: int = 1
+    # SELECTIVETLS ("TLS support / Server-side requirements"): besides
+    # ``export_name``, served with or without TLS at the client's choice, an
+    # export of this name served only over TLS.  None: no such export.
+    tls_only_export: str | None = None
+
+    @property
+    def uses_tls_credentials(self) -> bool:
+        """Whether the server needs TLS credentials (FORCEDTLS or SELECTIVETLS)."""
+        return self.tls or self.tls_only_export is not None
 
     def describe(self) -> str:
         """Only the fields that differ from the default, for skip reasons."""
@@ -298,6 +307,8 @@ class Profile:
     starts_servers = True
     #: Whether the server can be told to advertise a minimum block size above 1.
     sets_minimum_block_size = False
+    #: Whether the server can serve a TLS-only export beside a plain one (SELECTIVETLS).
+    serves_tls_only_exports = False
 
     def check_config(self, config: ServerConfig) -> None:
         """Raise ProfileCannotDo if the server cannot be put in CONFIG."""
@@ -334,8 +345,9 @@ class Profile:
             persistent=True,
             export_name=config.export_name,
             description=config.description,
-            tls_dir=tls_dir if config.tls else None,
+            tls_dir=tls_dir if config.uses_tls_credentials else None,
             minimum_block_size=config.minimum_block_size,
+            tls_only_export=config.tls_only_export,
             **peer,
         )
 
@@ -362,7 +374,10 @@ class Profile:
             env=self.env(),
             cwd=self.cwd(),
             target=unix_target(
-                export, socket_path, config.tls, tls_dir=tls_dir if config.tls else None
+                export,
+                socket_path,
+                config.tls,
+                tls_dir=tls_dir if config.uses_tls_credentials else None,
             ),
             config=config,
             profile=self.name,

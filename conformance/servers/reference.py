@@ -20,6 +20,7 @@ class Reference(Profile):
     name = "reference"
     deviations: tuple[Deviation, ...] = ()
     sets_minimum_block_size = True
+    serves_tls_only_exports = True
 
     def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
