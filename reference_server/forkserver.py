@@ -17,7 +17,7 @@ one line on standard output:
 
 ``{"spawn": [ARG, ...], "log": PATH, "cwd": DIR}`` -> ``{"pid": PID}``
     A server with those arguments, in its own session, standard input
-    ``/dev/null``, standard output and error appended to PATH (created).
+    ``/dev/null``, standard output and error written to PATH (truncated).
 ``{"poll": PID}`` -> ``{"status": STATUS}``
     STATUS is null while PID runs, else as :attr:`subprocess.Popen.returncode`:
     the exit status, or minus the signal that ended it.
@@ -38,6 +38,7 @@ import contextlib
 import ctypes
 import gc
 import json
+import logging
 import os
 import select
 import signal
@@ -80,9 +81,14 @@ class ForkServer:
         parent = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            self._child(parent, args, log, cwd)
+        # Held back until the child has dropped this process's SIGTERM handler.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(parent, args, log, cwd)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         self.children[pid] = os.pidfd_open(pid)
         return pid
 
@@ -95,10 +101,11 @@ class ForkServer:
             for pidfd in self.children.values():
                 os.close(pidfd)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # this process's own handler
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
             os.setsid()
             _die_with(parent)
             os.chdir(cwd)
-            output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            output = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             nothing = os.open(os.devnull, os.O_RDONLY)
             os.dup2(nothing, 0)
             os.dup2(output, 1)
@@ -118,8 +125,6 @@ class ForkServer:
             # What the interpreter's own exit would do that matters here: flush
             # the output and the log handlers (cli.main has closed the rest).
             with contextlib.suppress(BaseException):
-                import logging
-
                 logging.shutdown()
                 sys.stdout.flush()
                 sys.stderr.flush()

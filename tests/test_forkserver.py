@@ -203,3 +203,23 @@ def test_a_check_s_crash_is_attributed_through_the_reference_profile(workdir: Pa
         profile.close()
     assert how is not None
     assert how.startswith("the server crashed (signal 6, SIGABRT) during the check")
+
+
+def test_a_fork_server_that_died_is_named_and_a_new_one_serves_the_next_check(
+    workdir: Path, forkserver: ForkServer
+) -> None:
+    first = _start("fork", _argv(workdir / "a.sock"), workdir / "a.log", forkserver)
+    first.wait_listening(workdir / "a.sock", timeout=30)
+    assert forkserver._process is not None
+    forkserver._process.kill()
+    forkserver._process.wait(timeout=30)
+    with pytest.raises(ForkServerError, match="fork server exited"):
+        first.running()
+    wait_until(lambda: not alive(first.pid), "its child to end with it", 30)
+    second = _start("fork", _argv(workdir / "b.sock"), workdir / "b.log", forkserver)
+    try:
+        second.wait_listening(workdir / "b.sock", timeout=30)
+        assert _greeting(workdir / "b.sock") == NBDMAGIC
+    finally:
+        second.stop()
+    assert second.exit_status() == 0

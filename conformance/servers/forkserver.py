@@ -62,8 +62,10 @@ class ForkServer:
         self._buffer = b""
 
     def _start(self) -> subprocess.Popen[bytes]:
-        if self._process is not None and self._process.poll() is None:
-            return self._process
+        if self._process is not None:
+            if self._process.poll() is None:
+                return self._process
+            _close_pipes(self._process)  # it died: its children died with it
         argv = [*self.prefix[:-1], f"{self.prefix[-1]}.forkserver"]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
@@ -79,8 +81,21 @@ class ForkServer:
         self._buffer = b""
         return self._process
 
-    def request(self, message: Mapping[str, Any], timeout: float = ANSWER_TIMEOUT) -> Any:
-        """Send MESSAGE, return the answer (a dict); ForkServerError if none comes."""
+    def request(
+        self,
+        message: Mapping[str, Any],
+        timeout: float = ANSWER_TIMEOUT,
+        *,
+        instance: subprocess.Popen[bytes] | None = None,
+    ) -> Any:
+        """Send MESSAGE, return the answer (a dict); ForkServerError if none comes.
+
+        With INSTANCE, only that fork server process may answer (a child's
+        status is known only to the one that forked it); without, one is
+        started if none runs.
+        """
+        if instance is not None and (instance is not self._process or instance.poll() is not None):
+            raise ForkServerError(self._gone())
         process = self._start()
         assert process.stdin is not None and process.stdout is not None
         try:
@@ -93,6 +108,8 @@ class ForkServer:
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
+                # A late answer would be read as the next one's: start afresh.
+                stop_process(process)
                 raise ForkServerError(f"no answer to {message} within {timeout:g} s")
             readable, _, _ = select.select([fd], [], [], left)
             if readable:
@@ -125,28 +142,37 @@ class ForkServer:
                 "cwd": str(cwd if cwd is not None else os.getcwd()),
             }
         )
-        return ForkedChild(self, int(answer["pid"]))
+        assert self._process is not None
+        return ForkedChild(self, self._process, int(answer["pid"]))
 
     def close(self, timeout: float = STOP_TIMEOUT) -> None:
         """End the fork server (it sends SIGTERM to any child still running)."""
         process, self._process = self._process, None
         if process is None:
             return
-        assert process.stdin is not None and process.stdout is not None
+        assert process.stdin is not None
         with contextlib.suppress(OSError):
             process.stdin.close()
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop_process(process, timeout)
-        process.stdout.close()
+        _close_pipes(process)
+
+
+def _close_pipes(process: subprocess.Popen[bytes]) -> None:
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
 
 
 class ForkedChild:
     """A server the fork server started: the part of :class:`subprocess.Popen` the harness uses."""
 
-    def __init__(self, forkserver: ForkServer, pid: int) -> None:
+    def __init__(self, forkserver: ForkServer, parent: subprocess.Popen[bytes], pid: int) -> None:
         self._forkserver = forkserver
+        self._parent = parent
         self.pid = pid
         self.returncode: int | None = None
 
@@ -155,7 +181,8 @@ class ForkedChild:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self._forkserver.request({"poll": self.pid})["status"]
+            answer = self._forkserver.request({"poll": self.pid}, instance=self._parent)
+            self.returncode = answer["status"]
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -166,14 +193,18 @@ class ForkedChild:
             if left <= 0:
                 raise subprocess.TimeoutExpired(f"PID {self.pid}", timeout or 0.0)
             answer = self._forkserver.request(
-                {"wait": self.pid, "timeout": min(left, 10.0)}, timeout=min(left, 10.0) + 30
+                {"wait": self.pid, "timeout": min(left, 10.0)},
+                timeout=min(left, 10.0) + 30,
+                instance=self._parent,
             )
             self.returncode = answer["status"]
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
-        # The PID is ours until a poll or wait has seen the process end.
-        if self.returncode is None:
+        # The PID is ours until a poll or wait has seen the process end, as
+        # long as the fork server that forked it runs (then its children end
+        # with it: their parent-death signal).
+        if self.returncode is None and self._parent.poll() is None:
             os.kill(self.pid, sig)
 
     def terminate(self) -> None:
