@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -223,3 +224,29 @@ def test_a_fork_server_that_died_is_named_and_a_new_one_serves_the_next_check(
     finally:
         second.stop()
     assert second.exit_status() == 0
+
+
+def test_a_server_started_after_the_environment_changed_is_exec_d_with_it(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fork server's children have its environment; a changed one takes an exec."""
+    profile = Reference()
+    servers = []
+    try:
+        for name in ("before", "after"):
+            if name == "after":
+                monkeypatch.setenv("NBD_FORKSERVER_TEST", "changed")
+            path = workdir / name
+            path.mkdir()
+            server = profile.start(ServerConfig(size=1 << 20), path, None)
+            assert isinstance(server, LocalServer)
+            servers.append(server)
+        before, after = servers
+        assert not isinstance(before.process, subprocess.Popen)
+        assert isinstance(after.process, subprocess.Popen)
+        with open(f"/proc/{after.process.pid}/environ", "rb") as environ:
+            assert b"NBD_FORKSERVER_TEST=changed" in environ.read().split(b"\0")
+    finally:
+        for server in servers:
+            server.stop()
+        profile.close()

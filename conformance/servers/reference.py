@@ -51,6 +51,10 @@ class Reference(Profile):
     def launch(self, argv: list[str], **kwargs: Any) -> LocalServer:
         if os.environ.get(FORKSERVER_ENV, "1") == "0":
             return LocalServer(argv, **kwargs)
+        if self._forkserver is not None and self._forkserver.env != kwargs["env"]:
+            # The environment changed since the fork server started (a check
+            # set a variable): its children would not see it, an exec would.
+            return LocalServer(argv, **kwargs)
         if self._forkserver is None:
             self._forkserver_dir = Path(tempfile.mkdtemp(prefix="nbd-forkserver-"))
             self._forkserver = ForkServer(
