@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,15 @@ from conformance.servers.process import with_pythonpath
 
 #: Set to 0 to start every reference server with a fresh interpreter.
 FORKSERVER_ENV = "NBD_REFERENCE_FORKSERVER"
+#: Variables that change from check to check and that no server reads: pytest
+#: names the running check and its phase here.
+_PER_CHECK = frozenset({"PYTEST_CURRENT_TEST"})
+
+
+def _differ(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> bool:
+    """Whether environments A and B differ in a variable a server could read."""
+    a, b = a or {}, b or {}
+    return any(a.get(k) != b.get(k) for k in (a.keys() | b.keys()) - _PER_CHECK)
 
 
 class Reference(Profile):
@@ -51,7 +61,7 @@ class Reference(Profile):
     def launch(self, argv: list[str], **kwargs: Any) -> LocalServer:
         if os.environ.get(FORKSERVER_ENV, "1") == "0":
             return LocalServer(argv, **kwargs)
-        if self._forkserver is not None and self._forkserver.env != kwargs["env"]:
+        if self._forkserver is not None and _differ(self._forkserver.env, kwargs["env"]):
             # The environment changed since the fork server started (a check
             # set a variable): its children would not see it, an exec would.
             return LocalServer(argv, **kwargs)
