@@ -213,9 +213,9 @@ class StartedServer:
 
     A server that daemonises is followed through its PID file
     (:meth:`follow_daemon`); from then on its PID is the daemon's.  PROCESS
-    is how it was started: a :class:`ServerProcess` (fork and exec), or a
-    fork server's child (:mod:`conformance.servers.forkserver`, through a
-    :class:`Spawn`).
+    is the child that was started: a :class:`subprocess.Popen` (see
+    :class:`ServerProcess`, which makes one) or a fork server's child
+    (:mod:`conformance.servers.forkserver`, made through a :class:`Spawn`).
     """
 
     def __init__(self, argv: Sequence[str], process: ChildProcess, *, log_path: Path) -> None:
