@@ -24,7 +24,9 @@ one line on standard output:
 ``{"wait": PID, "timeout": SECONDS}`` -> ``{"status": STATUS}``
     The same, after waiting at most SECONDS for PID to end.
 
-A child is reaped only by a ``poll`` or ``wait`` that sees it ended, so its
+A request may carry an ``"id"``; its answer then carries the same, so that
+a client interrupted while it waited can tell a late answer from the one it
+waits for.  A child is reaped only by a ``poll`` or ``wait`` that sees it ended, so its
 PID cannot be reused while the client may still signal it.  A malformed
 request gets ``{"error": TEXT}``.  At the end of standard input, and when
 the process that started this one dies (``PR_SET_PDEATHSIG``, set by the
@@ -156,10 +158,14 @@ class ForkServer:
     def serve(self) -> None:
         """Answer requests until the end of input."""
         for line in _lines(self.requests):
+            request: Any = None
             try:
-                reply = self.answer(json.loads(line))
+                request = json.loads(line)
+                reply = self.answer(request)
             except (ValueError, KeyError, TypeError, OSError) as exc:
                 reply = {"error": f"{type(exc).__name__}: {exc}"}
+            if isinstance(request, dict) and "id" in request:
+                reply["id"] = request["id"]
             os.write(self.answers, json.dumps(reply).encode() + b"\n")
 
     def end_children(self) -> None:

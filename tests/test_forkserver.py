@@ -12,6 +12,7 @@ checked here against a forked and an exec'd server alike.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -253,3 +254,25 @@ def test_a_server_started_after_the_environment_changed_is_exec_d_with_it(
         for server in servers:
             server.stop()
         profile.close()
+
+
+def test_an_answer_left_behind_by_an_interrupted_request_is_not_taken_for_the_next(
+    workdir: Path, forkserver: ForkServer
+) -> None:
+    """A check's timeout may interrupt the harness between a request and its answer."""
+    sock = workdir / "s.sock"
+    server = _start("fork", _argv(sock), workdir / "log", forkserver)
+    try:
+        server.wait_listening(sock, timeout=30)
+        # As if interrupted: the request is sent, its answer never read.
+        forkserver._start()
+        process = forkserver._process
+        assert process is not None and process.stdin is not None
+        forkserver._sent += 1
+        request = {"spawn": ["--no-such-option"], "log": os.devnull, "cwd": "/"}
+        process.stdin.write(json.dumps({**request, "id": forkserver._sent}).encode() + b"\n")
+        process.stdin.flush()
+        assert server.running()  # a poll: not the spawn's answer
+    finally:
+        server.stop()
+    assert server.exit_status() in (0, -signal.SIGTERM)

@@ -60,6 +60,7 @@ class ForkServer:
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
         self._buffer = b""
+        self._sent = 0  # the id of the last request
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._process is not None:
@@ -98,18 +99,37 @@ class ForkServer:
             raise ForkServerError(self._gone())
         process = self._start()
         assert process.stdin is not None and process.stdout is not None
+        self._sent += 1
         try:
-            process.stdin.write(json.dumps(message).encode() + b"\n")
+            process.stdin.write(json.dumps({**message, "id": self._sent}).encode() + b"\n")
             process.stdin.flush()
         except BrokenPipeError:
             raise ForkServerError(self._gone()) from None
         deadline = time.monotonic() + timeout
+        while True:
+            answer = self._answer(process, deadline, message, timeout)
+            # An earlier request interrupted while it waited (a check's
+            # timeout) leaves its answer behind: not this one's.
+            if answer.get("id") == self._sent:
+                break
+        if "error" in answer:
+            raise ForkServerError(f"the fork server refused {message}: {answer['error']}")
+        return answer
+
+    def _answer(
+        self,
+        process: subprocess.Popen[bytes],
+        deadline: float,
+        message: Mapping[str, Any],
+        timeout: float,
+    ) -> Any:
+        """The next answer line, decoded."""
+        assert process.stdout is not None
         fd = process.stdout.fileno()
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                # A late answer would be read as the next one's: start afresh.
-                stop_process(process)
+                stop_process(process)  # it is wedged: the next request starts another
                 raise ForkServerError(f"no answer to {message} within {timeout:g} s")
             readable, _, _ = select.select([fd], [], [], left)
             if readable:
@@ -118,10 +138,7 @@ class ForkServer:
                     raise ForkServerError(self._gone())
                 self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        answer = json.loads(line)
-        if "error" in answer:
-            raise ForkServerError(f"the fork server refused {message}: {answer['error']}")
-        return answer
+        return json.loads(line)
 
     def _gone(self) -> str:
         try:
