@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import socket
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,13 @@ from typing import Any
 from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
 from conformance.handle import close_handle, open_handle
 from conformance.servers.peers import ServeOptions
-from conformance.servers.process import ServerProcess, describe_exit
+from conformance.servers.process import (
+    ChildProcess,
+    ServerProcess,
+    Spawn,
+    StartedServer,
+    describe_exit,
+)
 from conformance.target import Target, unix_target
 
 MiB = 1024 * 1024
@@ -215,7 +220,8 @@ class LocalServer(Server):
     """A server process the suite started (:mod:`conformance.servers.process`); stopped by PID.
 
     With ``pid_file`` the process daemonises (nbd-server): it is followed, and
-    stopped, through the PID file it writes.
+    stopped, through the PID file it writes.  With ``spawn`` it is started by
+    a fork server that holds ENV already (the reference profile's).
     """
 
     def __init__(
@@ -227,6 +233,7 @@ class LocalServer(Server):
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         pid_file: Path | None = None,
+        spawn: Spawn | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -234,10 +241,16 @@ class LocalServer(Server):
         self._exit_expected = False
         self.workdir = workdir
         self.pid_file = pid_file
-        # Its own session: a check's signals to the suite never reach it.
-        self.server_process = ServerProcess(
-            argv, log_path=log_path, env=env, cwd=cwd, new_session=True
-        )
+        # Its own session: a check's signals to the suite never reach it (a
+        # fork server starts every child in its own session).
+        self.server_process: StartedServer
+        if spawn is not None:
+            process = spawn(argv, log_path=log_path, cwd=cwd)
+            self.server_process = StartedServer(argv, process, log_path=log_path)
+        else:
+            self.server_process = ServerProcess(
+                argv, log_path=log_path, env=env, cwd=cwd, new_session=True
+            )
 
     @property
     def argv(self) -> list[str]:
@@ -248,7 +261,7 @@ class LocalServer(Server):
         return self.server_process.log_path
 
     @property
-    def process(self) -> subprocess.Popen[bytes]:
+    def process(self) -> ChildProcess:
         """The process the suite started (for a daemon: its launcher)."""
         return self.server_process.process
 
@@ -319,6 +332,9 @@ class Profile:
         The plugin probes it after every check (:mod:`conformance.liveness`).
         """
         return None
+
+    def close(self) -> None:
+        """At the end of the run: release what the profile kept between checks."""
 
     def export_name(self, config: ServerConfig) -> str:
         return config.export_name
