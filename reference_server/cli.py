@@ -18,7 +18,6 @@ import re
 import signal
 import socket
 import ssl
-import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,22 +37,17 @@ from .protocol.constants import DEFAULT_MAX_PAYLOAD, MAX_MINIMUM_BLOCK_SIZE, MAX
 from .protocol.export import BlockSizes
 from .runtime import EVENT_LOOPS, UnavailableLoop, loop_factory, tune_allocator
 from .server import Export, NBDServer, ServerLimits
+from .sockets import NBD_PORT, StartupError, listening_sockets
 from .trace import TraceLog
 
 PROG = "nbd-reference-server"
-NBD_PORT = 10809
-# Connections the kernel queues while the server is not accepting (at
-# --max-handshaking): as many as it allows (net.core.somaxconn caps it).
-LISTEN_BACKLOG = socket.SOMAXCONN
+# Signals that ask the server to shut down cleanly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _SUFFIXES = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 
 
 class UsageError(Exception):
     """A bad option or argument: reported in one line, exit status 2."""
-
-
-class StartupError(Exception):
-    """The server cannot start (missing file, busy socket...): exit status 1."""
 
 
 def parse_size(text: str) -> int:
@@ -326,67 +320,6 @@ def tls_context(directory: str, verify_peer: bool) -> ssl.SSLContext:
     return ctx
 
 
-def listening_sockets(args: argparse.Namespace) -> list[socket.socket]:
-    """Systemd socket activation, a Unix socket, or TCP sockets, all listening."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
-        count = int(os.environ["LISTEN_FDS"])
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
-        return [socket.socket(fileno=3 + i) for i in range(count)]
-    if args.socket:
-        return [_unix_listener(args.socket)]
-    return _tcp_listeners(args.bind or "0.0.0.0", args.port or NBD_PORT)
-
-
-def _unix_listener(path: str) -> socket.socket:
-    """Bind under a temporary name, listen, then rename: the path appears ready."""
-    if len(os.fsencode(path)) > 107:
-        raise StartupError(f"socket path is too long for a Unix socket: {path}")
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket from an earlier run
-        else:
-            raise StartupError(f"{path} exists and is not a socket")
-    temporary = f"{path}.{os.getpid()}.tmp"
-    if len(os.fsencode(temporary)) > 107:
-        temporary = path
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(temporary)
-        sock.listen(LISTEN_BACKLOG)
-        if temporary != path:
-            os.rename(temporary, path)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _tcp_listeners(host: str, port: int) -> list[socket.socket]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot resolve {host!r}: {exc}") from None
-    sockets: list[socket.socket] = []
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            sock.close()
-            for s in sockets:
-                s.close()
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        sockets.append(sock)
-    return sockets
-
-
 def _daemonize() -> int:
     """Fork; the parent waits until the child listens, then exits. Returns the pipe fd."""
     read_end, write_end = os.pipe()
@@ -443,8 +376,11 @@ async def _serve(
     def on_signal(sig: signal.Signals) -> None:
         server.request_shutdown(f"received {sig.name}")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    # Held back since before the sockets listened (see main): one that came
+    # meanwhile is delivered now, to the handler, as a clean shutdown.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if args.pid_file:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
     if ready_fd is not None:
@@ -459,7 +395,7 @@ async def _serve(
         await server.done.wait()
     finally:
         # A signal during loop teardown would otherwise hit a closed wakeup fd.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
 
@@ -487,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         tls = tls_context(args.tls_creds, args.tls_verify_peer) if args.tls_creds else None
         exports = [_export(args, spec, open_backend(spec)) for spec in export_specs(args)]
+        # A client (or a test harness) may send SIGTERM as soon as the socket
+        # listens: hold it until the handler that shuts down cleanly is in.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         sockets = listening_sockets(args)
         if args.trace:
             trace_stream = sys.stderr if args.trace == "-" else open(args.trace, "w")  # noqa: SIM115
@@ -504,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if args.socket and sockets:
             with contextlib.suppress(OSError):
                 os.unlink(args.socket)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reference_server import __version__, cli
+from reference_server import __version__, cli, sockets
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unix_listener_appears_ready_and_replaces_a_stale_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "nbd.sock")
-    first = cli._unix_listener(path)
+    first = sockets.unix_listener(path)
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         assert os.listdir(tmp_path) == ["nbd.sock"], "temporary name left behind"
@@ -210,10 +210,10 @@ def test_unix_listener_appears_ready_and_replaces_a_stale_socket(tmp_path: Path)
             client.connect(path)  # already listening when the path appears
     finally:
         first.close()
-    second = cli._unix_listener(path)
+    second = sockets.unix_listener(path)
     second.close()
 
 
 def test_unix_listener_path_too_long_is_a_startup_error(tmp_path: Path) -> None:
-    with pytest.raises(cli.StartupError):
-        cli._unix_listener(str(tmp_path / ("x" * 120)))
+    with pytest.raises(sockets.StartupError):
+        sockets.unix_listener(str(tmp_path / ("x" * 120)))
