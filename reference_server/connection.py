@@ -324,7 +324,12 @@ class Connection(asyncio.BufferedProtocol):
             self._pump_requests(tx, budget, limit)
         finally:
             self._pumping = False
+        held_back = self._replies.unsent > MAX_UNSENT
         self._send(tx.data_to_send())
+        if held_back and self._queue and self._replies.unsent <= MAX_UNSENT:
+            # The replies that held the queue back left at once (the socket
+            # took them all): no resume_writing() will come to say so.
+            self._wake()
         self._update_reading()
         self._update_idle()
         # "Terminating the transmission phase": after NBD_CMD_DISC every request

@@ -26,6 +26,7 @@ from conformance.wire.messages import (
     pack_option,
     pack_request,
 )
+from reference_server import connection as connection_module
 from reference_server.backends.memory import MemoryBackend
 from reference_server.budget import ByteBudget
 from reference_server.connection import Connection
@@ -392,6 +393,27 @@ def test_replies_wait_while_the_client_does_not_read_and_all_leave_after() -> No
         c.resume_writing()
         for i in range(4):
             assert simple_reply(t, 65536)[:2] == (Errno.OK, i)
+        assert h.context.budget.used == 0
+
+    run(scenario)
+
+
+def test_requests_held_back_by_large_replies_run_once_those_leave_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Replies beyond MAX_UNSENT hold the next requests back; a socket that
+    # takes them all at once sends no resume_writing(), and the held-back
+    # requests must still run (found by fio: 32 MiB reads at iodepth 2 hung).
+    monkeypatch.setattr(connection_module, "MAX_UNSENT", 65536)
+
+    async def scenario(h: Harness) -> None:
+        _, t = h.connect()
+        greeted(t)
+        go(t)
+        t.send(b"".join(pack_request(Cmd.READ, 0, 131072, cookie=i) for i in range(3)))
+        await settle()
+        for i in range(3):
+            assert simple_reply(t, 131072)[:2] == (Errno.OK, i), f"read {i} never answered"
         assert h.context.budget.used == 0
 
     run(scenario)
