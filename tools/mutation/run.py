@@ -14,8 +14,8 @@ and, one mutant at a time, writes the mutated file there, checks that the
 mutated server still starts (``python -m reference_server`` from the copy
 listens on a Unix socket), and runs
 
-    nice -n 19 python -m pytest conformance --nbd-server=reference -x -q \
-        -p no:cacheprovider -n 1
+    nice -n 19 python -m pytest conformance --nbd-server=reference --nbd-strict -x -q \
+        -p no:cacheprovider -n 2
 
 with the copy as working directory and first on PYTHONPATH.  The reference
 profile runs ``python -m reference_server`` from ``REPO_ROOT``, which
@@ -24,6 +24,13 @@ copy's suite therefore starts the copy's, mutated, server.  The tool checks
 this before the first run.
 
 Verdicts: **killed** (some check failed), **survived** (the suite passed),
+A mutant's ``first`` checks (the files of the suite likely to kill it) run
+before the whole suite: a failure there is a failure of the suite, found in
+seconds rather than minutes; a mutant they do not kill is judged by the whole
+suite.  ``--nbd-strict`` makes a SHOULD the suite sees broken a failure, as a MUST
+is (the reference server passes the suite in strict mode).  ``-n 2`` is the
+most this shared two-core machine takes; runs are sequential, never parallel.
+
 **timeout** (the run overran ``--timeout``; counted as detected), **broken**
 (the mutated server does not even start: not a real kill, counted apart).
 A survivor whose mutant the spec allows, or which cannot be seen from the
@@ -100,6 +107,7 @@ class Mutant:
     bug: str
     spec: str
     survives: str = ""  # why a survivor is acceptable: equivalent, or allowed by the spec
+    first: tuple[str, ...] = ()  # check files likely to kill it, run before the whole suite
 
     def apply(self, source: str) -> str:
         """SOURCE with the bug planted; MutantRotted unless ``find`` occurs exactly once."""
@@ -115,7 +123,7 @@ class Mutant:
 def load_mutants(path: Path = TABLE) -> list[Mutant]:
     """The table, checked: unique IDs, every field present, files under reference_server/."""
     entries = tomllib.loads(path.read_text())["mutant"]
-    mutants = [Mutant(**entry) for entry in entries]
+    mutants = [Mutant(**{**entry, "first": tuple(entry.get("first", ()))}) for entry in entries]
     seen: set[str] = set()
     for m in mutants:
         if m.id in seen:
@@ -125,6 +133,9 @@ def load_mutants(path: Path = TABLE) -> list[Mutant]:
             raise ValueError(f"mutant {m.id} mutates {m.file}, outside reference_server/")
         if not (m.bug.strip() and m.spec.strip()) or m.find == m.replace:
             raise ValueError(f"mutant {m.id}: bug, spec and a real change are required")
+        for check in m.first:
+            if not (REPO / check.split("::")[0]).is_file():
+                raise ValueError(f"mutant {m.id}: first names {check}, which does not exist")
     return mutants
 
 
@@ -215,7 +226,9 @@ def server_starts(copy: Path) -> str | None:
 # ------------------------------------------------------------------ the runs
 
 
-def suite_argv(workers: int, extra: Sequence[str]) -> list[str]:
+def suite_argv(
+    workers: int, extra: Sequence[str], suite: Sequence[str] = ("conformance",)
+) -> list[str]:
     return [
         "nice",
         "-n",
@@ -223,8 +236,9 @@ def suite_argv(workers: int, extra: Sequence[str]) -> list[str]:
         sys.executable,
         "-m",
         "pytest",
-        "conformance",
+        *suite,
         "--nbd-server=reference",
+        "--nbd-strict",
         "-x",
         "-q",
         "-p",
@@ -269,11 +283,13 @@ def _end_run(process: subprocess.Popen[str]) -> None:
             return
 
 
-def run_suite(copy: Path, workers: int, timeout: float, extra: Sequence[str]) -> Result:
+def run_suite(
+    copy: Path, workers: int, timeout: float, extra: Sequence[str], suite: Sequence[str]
+) -> Result:
     """One run of the suite in COPY, judged by its exit status and failures."""
     start = time.monotonic()
     process = subprocess.Popen(
-        suite_argv(workers, extra),
+        suite_argv(workers, extra, suite),
         cwd=copy,
         env=copy_env(copy),
         stdin=subprocess.DEVNULL,
@@ -288,6 +304,9 @@ def run_suite(copy: Path, workers: int, timeout: float, extra: Sequence[str]) ->
         _end_run(process)
         output, _ = process.communicate(timeout=KILL_GRACE)
         return Result("", "timeout", time.monotonic() - start, f"over {timeout:g} s")
+    except BaseException:  # interrupted (SIGINT, or SIGTERM via main): leave nothing behind
+        _end_run(process)
+        raise
     seconds = time.monotonic() - start
     failures = FAILURE_LINE.findall(output)
     if process.returncode == 0:
@@ -300,7 +319,12 @@ def run_suite(copy: Path, workers: int, timeout: float, extra: Sequence[str]) ->
 
 
 def run_mutant(
-    mutant: Mutant, copy: Path, workers: int, timeout: float, extra: Sequence[str]
+    mutant: Mutant,
+    copy: Path,
+    workers: int,
+    timeout: float,
+    extra: Sequence[str],
+    suite: Sequence[str] = ("conformance",),
 ) -> Result:
     """Plant MUTANT in COPY, judge it, and restore the file whatever happens."""
     target = copy / mutant.file
@@ -311,7 +335,15 @@ def run_mutant(
         why = server_starts(copy)
         if why is not None:
             return Result(mutant.id, "broken", time.monotonic() - start, why)
-        result = run_suite(copy, workers, timeout, extra)
+        result = None
+        if mutant.first and list(suite) == ["conformance"]:
+            # Checks of the suite likely to kill it first: a kill there is a kill by the
+            # suite, seconds instead of minutes; anything else is judged by the whole suite.
+            result = run_suite(copy, workers, timeout, extra, mutant.first)
+            if result.verdict not in ("killed", "timeout"):
+                result = None
+        if result is None:
+            result = run_suite(copy, workers, timeout, extra, suite)
         result.id = mutant.id
         if result.verdict == "survived" and mutant.survives:
             result.detail = f"accepted: {mutant.survives}"
@@ -356,8 +388,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="only check that every mutant applies")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--keep", action="store_true", help="keep the temporary copy")
+    p.add_argument(
+        "--suite",
+        action="append",
+        metavar="PATH",
+        help="run only these checks (e.g. conformance/test_errors.py::test_x) instead of the "
+        "whole suite: a quick proof that a new check kills its mutant; scores use the whole suite",
+    )
     p.add_argument("extra", nargs="*", help="more pytest arguments (after --)")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like ^C, so the run in progress is ended and the copy removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     mutants = load_mutants()
     if args.only:
@@ -373,19 +414,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(mutants)} mutants, each applies exactly once")
         return 0
 
+    suite = args.suite or ["conformance"]
     results: list[Result] = []
     started = time.monotonic()
     with repository_copy(args.keep) as copy:
         confirm_copy_is_run(copy)
         print(f"copy: {copy} (its suite starts its own server: checked)", flush=True)
         if not args.no_baseline and not args.only:
-            base = run_suite(copy, args.workers, args.timeout, args.extra)
+            base = run_suite(copy, args.workers, args.timeout, args.extra, suite)
             print(f"baseline (no mutant): {base.verdict} in {base.seconds:.0f} s", flush=True)
             if base.verdict != "survived":
                 print(f"mutation: the unmutated suite does not pass: {base.detail}")
                 return 2
         for i, m in enumerate(mutants, 1):
-            r = run_mutant(m, copy, args.workers, args.timeout, args.extra)
+            r = run_mutant(m, copy, args.workers, args.timeout, args.extra, suite)
             results.append(r)
             print(f"[{i}/{len(mutants)}] {m.id}: {r.verdict} ({r.seconds:.0f} s) {r.detail}")
             sys.stdout.flush()
