@@ -46,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fio_bench import REPO, SERVERS, BenchError, Server, running
+from bench_servers import REPO, SERVERS, BenchError, Server, running
 
 MiB = 1024 * 1024
 REGION = 2 * MiB

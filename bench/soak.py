@@ -6,7 +6,7 @@
 
 Starts the server (by default ``python3 -m reference_server --memory SIZE -t
 -e 0`` on a Unix socket in a temporary directory; ``--server`` takes any
-name fio_bench.py knows), opens N libnbd connections, each in its own thread
+name bench_servers.py knows), opens N libnbd connections, each in its own thread
 and each owning its own region of the export, and runs a random mix of
 writes (some with FUA), reads, flushes, trims and block-status queries of
 4 KiB to 64 KiB until the duration is over.  Each thread keeps a shadow of
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nbd  # libnbd's bindings, from Debian's python3-libnbd
-from fio_bench import REPO, SERVERS, BenchError, Server, running
+from bench_servers import REPO, SERVERS, BenchError, Server, running
 
 MiB = 1024 * 1024
 BLOCK = 4096
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=32, help="connections; default 32")
     p.add_argument("--region", type=int, default=4, help="MiB each connection owns; default 4")
     p.add_argument("--sample", type=float, default=5, help="seconds between RSS samples")
-    p.add_argument("--server", default="reference", help="a server name from fio_bench.py")
+    p.add_argument("--server", default="reference", help="a server name from bench_servers.py")
     p.add_argument("--seed", type=int, default=None, help="random seed (printed when chosen)")
     p.add_argument("--image-dir", default="/dev/shm", help="where raw images go; default /dev/shm")
     p.add_argument("--python", default=sys.executable, help="interpreter for the reference server")

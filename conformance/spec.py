@@ -18,6 +18,7 @@ from typing import Any, NoReturn, TypeVar
 import pytest
 
 from conformance.verdict import Unsupported
+from conformance.wire.constants import STRING_MAX
 
 __all__ = [
     "MAY",
@@ -153,6 +154,16 @@ def expect_data(
 def expect_zero(actual: bytes | bytearray, what: str) -> None:
     """Fail unless every byte of ACTUAL is zero."""
     expect_data(actual, bytes(len(actual)), what)
+
+
+def expect_string(data: bytes, what: str, *, limit: int = STRING_MAX) -> None:
+    """Fail unless DATA is a string as "Conventions" defines it: UTF-8, no NUL, within LIMIT."""
+    expect(b"\0" not in data, what, "no NUL character", data[:80])
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecViolation(what, "valid UTF-8", f"{exc}: {data[:80]!r}") from None
+    expect(len(data) <= limit, f"length of {what}", f"<= {limit} bytes", len(data))
 
 
 def errno_name(value: int | None) -> str:

@@ -45,18 +45,6 @@ UNKNOWN_FLAG = 1 << 13
 WAIT = 5.0
 
 
-def _final(client, cookie: int, what: str) -> m.SimpleReply | m.Chunk:
-    """The messages answering COOKIE up to the final one; fail on any other cookie."""
-    while True:
-        try:
-            msg = client.recv_message()
-        except (Disconnected, TimeoutError, ProtocolViolation) as exc:
-            raise SpecViolation(what, detail=f"expected a reply, actual {exc}") from None
-        expect_equal(hex(msg.cookie), hex(cookie), f"cookie of the reply to {what}")
-        if isinstance(msg, m.SimpleReply) or msg.done:
-            return msg
-
-
 def _error_of(client, cookie: int, what: str) -> Errno:
     """The error the server answered COOKIE with (OK for success), read message by message."""
     error = Errno.OK
@@ -76,28 +64,10 @@ def _error_of(client, cookie: int, what: str) -> Errno:
             return error
 
 
-def _still_answers(client, after: str) -> None:
-    """The same connection answers a plain READ: the odd request cost nothing else."""
-    cookie = client.send_request(Cmd.READ, 0, 512, cookie=COOKIE ^ 0xFF)
-    try:
-        reply = client.reply(cookie)
-    except (Disconnected, TimeoutError, ProtocolViolation) as exc:
-        raise SpecViolation(
-            f"a READ on the same connection after {after}",
-            detail=f"expected a reply, actual {exc}",
-        ) from None
-    expect_equal(reply.error, Errno.OK, f"a READ on the same connection after {after}")
-
-
 @contextlib.contextmanager
 def _session(server, replies: str):
     """A raw client in transmission with simple or structured replies."""
-    try:
-        client, export = s.transmission(server, structured=replies == "structured")
-    except ProtocolViolation as exc:
-        if replies == "structured" and "STRUCTURED_REPLY" in str(exc):
-            unsupported("the server does not negotiate NBD_OPT_STRUCTURED_REPLY")
-        raise
+    client, export = s.transmission_with(server, replies)
     try:
         yield client, export
     finally:
@@ -127,7 +97,7 @@ def test_unknown_command_gets_einval(server):
         client.send_request(UNKNOWN_COMMAND, 0, 0, cookie=COOKIE)
         error = _error_of(client, COOKIE, what)
         expect_equal(error.name, "EINVAL", f"error of {what}")
-        _still_answers(client, what)
+        s.assert_still_answers(client, what, cookie=COOKIE ^ 0xFF)
 
 
 @spec(
@@ -147,7 +117,7 @@ def test_unknown_command_flag_gets_einval(server):
             what = f"{cmd.name} with flag {UNKNOWN_FLAG:#x}"
             error = _error_of(client, COOKIE, what)
             expect_equal(error.name, "EINVAL", f"error of {what}")
-            _still_answers(client, what)
+            s.assert_still_answers(client, what, cookie=COOKIE ^ 0xFF)
 
 
 # ------------------------------------------------------------------ NBD_CMD_DISC
@@ -300,7 +270,7 @@ def test_cache_error_is_a_defined_error_value(server):
             "an error value of 'Error values'",
             error.name,
         )
-        _still_answers(client, "a failed NBD_CMD_CACHE")
+        s.assert_still_answers(client, "a failed NBD_CMD_CACHE", cookie=COOKIE ^ 0xFF)
     finally:
         client.close()
 

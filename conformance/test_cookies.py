@@ -18,16 +18,13 @@ import contextlib
 
 import pytest
 
-from conformance.spec import MUST, SpecViolation, expect, expect_equal, spec, unsupported
+from conformance.spec import MUST, SpecViolation, expect, expect_equal, spec
 from conformance.wire import (
-    BASE_ALLOCATION,
     Cmd,
     CmdFlag,
     Disconnected,
     Errno,
-    Info,
     ProtocolViolation,
-    Rep,
     TransmissionFlag,
 )
 from conformance.wire import messages as m
@@ -48,29 +45,8 @@ DATA = bytes(range(256)) * (BLOCK // 256)
 @contextlib.contextmanager
 def _transmission(server, mode: str):
     """A raw client in MODE (simple, structured, extended), base:allocation where offered."""
-    client = s.negotiated(server)
-    try:
-        if mode == "extended":
-            result = client.extended_headers()
-            if result.type == Rep.ERR_UNSUP:
-                unsupported("the server does not support NBD_OPT_EXTENDED_HEADERS")
-            expect_equal(result.type.name, "ACK", "reply to NBD_OPT_EXTENDED_HEADERS")
-        elif mode == "structured":
-            result = client.structured_reply()
-            if result.type == Rep.ERR_UNSUP:
-                unsupported("the server does not support NBD_OPT_STRUCTURED_REPLY")
-            expect_equal(result.type.name, "ACK", "reply to NBD_OPT_STRUCTURED_REPLY")
-        name = s.export_name(server)
-        has_context = False
-        if mode != "simple":
-            selected = client.set_meta_context(name, (BASE_ALLOCATION.encode(),))
-            has_context = BASE_ALLOCATION in selected.contexts
-        go = client.go(name, (Info.BLOCK_SIZE,))
-        expect_equal(go.type.name, "ACK", "reply to NBD_OPT_GO")
-        assert go.export is not None
-        yield client, go.export, has_context
-    finally:
-        client.close()
+    with s.reply_mode(server, mode) as session:
+        yield session.client, session.export, session.context_id is not None
 
 
 def _answer(client, cookie: int, what: str) -> list[str]:

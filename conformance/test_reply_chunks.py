@@ -16,14 +16,11 @@ import pytest
 
 from conformance.spec import MUST, SHOULD, SpecViolation, expect, expect_equal, spec, unsupported
 from conformance.wire import (
-    BASE_ALLOCATION,
     Cmd,
     CmdFlag,
     Disconnected,
     Errno,
-    Info,
     ProtocolViolation,
-    Rep,
     ReplyFlag,
     ReplyType,
     TransmissionFlag,
@@ -57,29 +54,14 @@ class Session:
 @contextlib.contextmanager
 def _structured(server, *, meta: bool = True, write: bool = False, extended: bool = False):
     """Structured replies (or extended headers), base:allocation where offered."""
-    client = s.negotiated(server)
-    try:
-        option = "NBD_OPT_EXTENDED_HEADERS" if extended else "NBD_OPT_STRUCTURED_REPLY"
-        result = client.extended_headers() if extended else client.structured_reply()
-        if result.type == Rep.ERR_UNSUP:
-            unsupported(f"the server does not support {option}")
-        expect_equal(result.type.name, "ACK", f"reply to {option}")
-        name = s.export_name(server)
-        context_id = None
-        if meta:
-            selected = client.set_meta_context(name, (BASE_ALLOCATION.encode(),))
-            context_id = selected.contexts.get(BASE_ALLOCATION)
-        go = client.go(name, (Info.BLOCK_SIZE,))
-        expect_equal(go.type.name, "ACK", "reply to NBD_OPT_GO")
-        assert go.export is not None
-        sizes = go.block_size
+    mode = "extended" if extended else "structured"
+    with s.reply_mode(server, mode, meta=meta) as session:
+        sizes = session.go.block_size
         max_payload = sizes.maximum if sizes is not None else DEFAULT_MAX_PAYLOAD
         if write:
             for block, data in WRITTEN.items():
-                expect_equal(client.write(block * BLOCK, data).error, Errno.OK, "WRITE")
-        yield Session(client, go.export, context_id, max_payload)
-    finally:
-        client.close()
+                expect_equal(session.client.write(block * BLOCK, data).error, Errno.OK, "WRITE")
+        yield Session(session.client, session.export, session.context_id, max_payload)
 
 
 def _requests(session: Session) -> list[tuple[str, int, int, int, int]]:
@@ -155,9 +137,13 @@ MODES = ["structured", "extended"]
 
 
 @contextlib.contextmanager
-def _answers(server, mode: str):
+def _answers(server, mode: str, *, status: bool = False):
+    """(session, answers) in MODE; with STATUS, UNSUPPORTED unless base:allocation is offered."""
     with _structured(server, write=True, extended=mode == "extended") as session:
-        yield session, _collect(session)
+        answers = _collect(session)
+        if status and session.context_id is None:
+            unsupported("the server does not offer base:allocation")
+        yield session, answers
 
 
 def _each_session(server, **options):
@@ -263,9 +249,7 @@ def test_chunk_variable_portion_within_maximum_payload(server):
 )
 @pytest.mark.writes
 def test_block_status_chunk_length_is_4_plus_8n(server):
-    with _answers(server, "structured") as (session, answers):
-        if session.context_id is None:
-            unsupported("the server does not offer base:allocation")
+    with _answers(server, "structured", status=True) as (_, answers):
         lengths = [
             len(c.payload) for a in answers for c in a.chunks if c.type == ReplyType.BLOCK_STATUS
         ]
@@ -287,9 +271,7 @@ def test_block_status_chunk_length_is_4_plus_8n(server):
 )
 @pytest.mark.writes
 def test_no_block_status_ext_without_extended_headers(server):
-    with _answers(server, "structured") as (session, answers):
-        if session.context_id is None:
-            unsupported("the server does not offer base:allocation")
+    with _answers(server, "structured", status=True) as (_, answers):
         kinds = sorted({c.type.name for a in answers for c in a.chunks})
         expect(
             "BLOCK_STATUS_EXT" not in kinds,
@@ -404,13 +386,17 @@ def test_read_chunks_are_512_byte_aligned(server):
 # --------------------------------------------------------------- block status
 
 
-def _status_runs(answers):
-    for answer in answers:
-        for chunk in answer.chunks:
-            if chunk.type in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
-                item = m.parse_chunk(chunk)
-                assert isinstance(item, m.BlockStatus)
-                yield answer, item.extents
+def _status_runs(server):
+    """(answer, extents) of every BLOCK_STATUS chunk, in every mode; needs base:allocation."""
+    for _mode, session, answers in _each_answers(server):
+        if session.context_id is None:
+            unsupported("the server does not offer base:allocation")
+        for answer in answers:
+            for chunk in answer.chunks:
+                if chunk.type in (ReplyType.BLOCK_STATUS, ReplyType.BLOCK_STATUS_EXT):
+                    item = m.parse_chunk(chunk)
+                    assert isinstance(item, m.BlockStatus)
+                    yield answer, item.extents
 
 
 @spec(
@@ -422,15 +408,12 @@ def _status_runs(answers):
 )
 @pytest.mark.writes
 def test_consecutive_descriptors_differ_in_status(server):
-    for _mode, session, answers in _each_answers(server):
-        if session.context_id is None:
-            unsupported("the server does not offer base:allocation")
-        for answer, extents in _status_runs(answers):
-            flags = [f for _, f in extents]
-            same = [i for i in range(1, len(flags)) if flags[i] == flags[i - 1]]
-            expect_equal(
-                same, [], f"descriptors with the status of the one before ({answer.what}: {flags})"
-            )
+    for answer, extents in _status_runs(server):
+        flags = [f for _, f in extents]
+        same = [i for i in range(1, len(flags)) if flags[i] == flags[i - 1]]
+        expect_equal(
+            same, [], f"descriptors with the status of the one before ({answer.what}: {flags})"
+        )
 
 
 @spec(
@@ -445,13 +428,10 @@ def test_consecutive_descriptors_differ_in_status(server):
 @pytest.mark.writes
 def test_descriptor_lengths_are_512_byte_multiples(server):
     """Aligned queries: every descriptor but the last is a multiple of 512 bytes long."""
-    for _mode, session, answers in _each_answers(server):
-        if session.context_id is None:
-            unsupported("the server does not offer base:allocation")
-        for answer, extents in _status_runs(answers):
-            lengths = [length for length, _ in extents]
-            odd = [x for x in lengths[:-1] if x % SECTOR]
-            expect_equal(odd, [], f"descriptor lengths not a multiple of 512 ({answer.what})")
+    for answer, extents in _status_runs(server):
+        lengths = [length for length, _ in extents]
+        odd = [x for x in lengths[:-1] if x % SECTOR]
+        expect_equal(odd, [], f"descriptor lengths not a multiple of 512 ({answer.what})")
 
 
 @spec(
@@ -464,16 +444,14 @@ def test_zero_length_block_status_does_not_disconnect(server):
     for mode, session in _each_session(server):
         if session.context_id is None:
             unsupported("the server does not offer base:allocation")
-        client = session.client
+        after = f"a zero-length BLOCK_STATUS ({mode})"
         try:
-            client.block_status(BLOCK, 0)  # any answer will do: the behaviour is unspecified
-            reply = client.read(0, SECTOR)
+            session.client.block_status(BLOCK, 0)  # any answer will do: it is unspecified
         except (Disconnected, TimeoutError, ProtocolViolation) as exc:
             raise SpecViolation(
-                f"the connection after a zero-length BLOCK_STATUS ({mode})",
-                detail=f"expected a READ answered, actual {exc}",
+                f"the connection after {after}", detail=f"expected a reply, actual {exc}"
             ) from None
-        expect_equal(reply.error, Errno.OK, f"READ after a zero-length BLOCK_STATUS ({mode})")
+        s.assert_still_answers(session.client, after)
 
 
 @spec(

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
+from conformance.server_process import alive, server_process
 from conformance.servers.base import ServerConfig
 from conformance.spec import SHOULD, expect, spec
-from conformance.test_cves import _alive, _server_process
 from conformance.wire import Cmd, Disconnected, Errno, Opt, ProtocolViolation, Rep
 from conformance.wire import messages as m
 from conformance.wire import session as s
@@ -42,7 +42,7 @@ def doomed_server(start_server):
 
 def _terminate(server) -> int:
     """SIGTERM the server (the suite expects it to exit); its pid."""
-    pid, _ = _server_process(server)
+    pid, _ = server_process(server)
     server.expect_exit()
     os.kill(pid, signal.SIGTERM)
     return pid
@@ -103,7 +103,7 @@ def test_shutdown_answers_requests_in_flight(doomed_server):
         f"{len(replies)}, then {stopped}",
     )
     deadline = time.monotonic() + WAIT
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 

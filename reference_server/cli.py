@@ -27,6 +27,7 @@ from .backends import FileBackend, MemoryBackend
 from .backends.base import Backend
 from .protocol.constants import DEFAULT_MAX_PAYLOAD, MAX_MINIMUM_BLOCK_SIZE, MAX_STRING_LENGTH
 from .protocol.export import BlockSizes, ExportInfo
+from .runtime import EVENT_LOOPS, UnavailableLoop, loop_factory, tune_allocator
 from .server import Export, NBDServer, ServerLimits
 from .trace import TraceLog
 
@@ -210,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PAYLOAD,
         help="maximum request payload (default 32M)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="asyncio",
+        help="asyncio's own loop (default), or uvloop if it is installed (faster)",
+    )
     return p
 
 
@@ -231,6 +238,10 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--max-payload must be at least 4K (and the minimum block size)")
     if args.tls_verify_peer and not args.tls_creds:
         raise UsageError("--tls-verify-peer needs --tls-creds")
+    try:
+        args.loop_factory = loop_factory(args.event_loop)
+    except UnavailableLoop as exc:
+        raise UsageError(str(exc)) from None
 
 
 def open_backend(args: argparse.Namespace) -> Backend:
@@ -431,7 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             trace_stream = sys.stderr if args.trace == "-" else open(args.trace, "w")  # noqa: SIM115
         ready_fd = _daemonize() if args.fork else None
         trace = TraceLog(trace_stream) if trace_stream else None
-        asyncio.run(_serve(args, backend, sockets, tls, trace, ready_fd))
+        tune_allocator()
+        with asyncio.Runner(loop_factory=args.loop_factory) as runner:
+            runner.run(_serve(args, backend, sockets, tls, trace, ready_fd))
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1

@@ -18,21 +18,24 @@ import functools
 import logging
 import ssl
 from collections import deque
+from collections.abc import Sequence
+from typing import cast
 
 from .admission import Deadline, Expired, Verdict
 from .backends.base import Backend
 from .budget import ByteBudget
 from .connection_phases import CONNECTION_TRANSITIONS, Phase, Trigger
 from .context import ConnectionContext
-from .dispatch import execute
+from .dispatch import ReplyPart, execute
 from .gate import Admittee
 from .protocol import events
 from .protocol.constants import Command, CommandFlag, Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
 from .protocol.phases import PhaseMachine
-from .protocol.transmission import Buffer, Transmission
+from .protocol.transmission import Transmission
 from .replies import ReplyQueue
+from .socket_writer import SocketWriter
 
 log = logging.getLogger("reference_server")
 
@@ -46,12 +49,18 @@ MAX_UNSENT = 8 * 1024 * 1024
 # Larger transfers, FLUSH and FUA (which wait for the disk) use the pool.
 INLINE_BELOW = 64 * 1024
 _FUA = CommandFlag.FUA.value
+# Read on every request, bound once: an enum member is looked up through its
+# class five times slower than a module global.
+_READ = Command.READ
+_FLUSH = Command.FLUSH
+_DRAINING = Phase.DRAINING
+_SHUTTING_DOWN = Phase.SHUTTING_DOWN
 
 
 def _cost(event: events.Request) -> int:
     """Bytes a request holds in memory: its payload, or the data a read returns."""
     request = event.header
-    return len(event.payload) + (request.length if request.command == Command.READ else 0)
+    return len(event.payload) + (request.length if request.command == _READ else 0)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -82,6 +91,8 @@ class Connection(asyncio.BufferedProtocol):
         self._queue: deque[tuple[events.Request, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
         self._replies = ReplyQueue(context.budget)
+        # Set in the transmission phase on a plain socket (replies.py).
+        self._writer: SocketWriter | None = None
         self._inflight = 0
         self._pumping = False
         self._reading = True
@@ -102,8 +113,8 @@ class Connection(asyncio.BufferedProtocol):
     # ------------------------------------------------ asyncio.BufferedProtocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's do not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         context = self.context
         context.connections.add(self)
         self.handshake = Handshake(
@@ -159,7 +170,7 @@ class Connection(asyncio.BufferedProtocol):
         return self._receive
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.phase is Phase.CLOSED:
+        if self.closing:
             return
         try:
             self._received(nbytes)
@@ -215,6 +226,7 @@ class Connection(asyncio.BufferedProtocol):
         self._payload_taken = 0
         self._queue.clear()
         self._replies.discard()
+        self._close_writer()
         budget.give(returned)
         self._update_idle()
         context.admission.depart(self)
@@ -291,6 +303,9 @@ class Connection(asyncio.BufferedProtocol):
         self._move(Trigger.NEGOTIATED)
         self.backend = self.context.exports[negotiated.export.name].backend
         self.transmission = Transmission(negotiated, trace=self.tracer)
+        assert self.transport is not None
+        self._writer = SocketWriter.for_transport(self.transport, self.resume_writing)
+        self._replies.writer = self._writer
         self.handshake = None
         if buffered:
             self.transmission.receive_data(buffered)
@@ -316,7 +331,7 @@ class Connection(asyncio.BufferedProtocol):
         # received before it is answered, its reply handed over whole, and only
         # then the connection closed (replies still queued here would be lost).
         if (
-            self.phase is Phase.DRAINING
+            self.phase is _DRAINING
             and not self._inflight
             and not self._queue
             and not self._replies.unsent
@@ -335,19 +350,27 @@ class Connection(asyncio.BufferedProtocol):
                 self._queue.popleft()
                 self._dispatch(queued)
                 continue
-            if self.phase is Phase.DRAINING:
+            if self.phase is _DRAINING:
                 break
             event = tx.next_event()
-            if isinstance(event, events.Request):
+            if type(event) is events.Request:
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
-                if self.phase is Phase.SHUTTING_DOWN:
+                if self.phase is _SHUTTING_DOWN:
                     # "Terminating the transmission phase": requests received
                     # during shutdown SHOULD fail with NBD_ESHUTDOWN.
                     error = tx.replies.error(event.header, Errno.ESHUTDOWN, "server shutting down")
                     self._send(error, _cost(event) if taken else 0)
                     continue
-                self._queue.append((event, taken))
+                if (
+                    self._inflight < limit
+                    and self._replies.unsent <= MAX_UNSENT
+                    and (taken or budget.try_take(_cost(event)))
+                ):
+                    # Nothing waits before it (the queue is empty here): run it now.
+                    self._dispatch(event)
+                else:
+                    self._queue.append((event, taken))
                 continue
             if isinstance(event, events.Close):
                 self.note(f"closing: {event.reason}")
@@ -373,18 +396,17 @@ class Connection(asyncio.BufferedProtocol):
         self._inflight += 1
         request = event.header
         if backend.blocking and (
-            request.command == Command.FLUSH
-            or request.flags & _FUA
-            or request.length >= INLINE_BELOW
+            request.length >= INLINE_BELOW or request.command == _FLUSH or request.flags & _FUA
         ):
             future = asyncio.get_running_loop().run_in_executor(
                 self.context.executor, execute, tx.replies, event, backend
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
-            self._done(event, execute(tx.replies, event, backend))
+            zero_copy = self._writer is not None
+            self._done(event, execute(tx.replies, event, backend, zero_copy=zero_copy))
 
-    def _finished(self, event: events.Request, future: asyncio.Future[list[Buffer]]) -> None:
+    def _finished(self, event: events.Request, future: asyncio.Future[Sequence[ReplyPart]]) -> None:
         try:
             reply = future.result()
         except Exception:  # a bug, not a client error: drop this client, serve others
@@ -404,17 +426,18 @@ class Connection(asyncio.BufferedProtocol):
         """
         asyncio.get_running_loop().call_soon(self._pump)
 
-    def _done(self, event: events.Request, reply: list[Buffer]) -> None:
+    def _done(self, event: events.Request, reply: Sequence[ReplyPart]) -> None:
         self._inflight -= 1
         cost = _cost(event)
-        if isinstance(event.payload, bytearray):
+        payload = event.payload
+        if type(payload) is bytearray:
             # Free the written payload now: a worker thread may hold a reference
             # a little longer, and the budget is about to let another one in.
             with contextlib.suppress(BufferError):
-                event.payload.clear()
+                payload.clear()
         self._send(reply, cost)
 
-    def _send(self, buffers: list[Buffer], cost: int = 0) -> None:
+    def _send(self, buffers: Sequence[ReplyPart], cost: int = 0) -> None:
         """Queue a reply; ``cost`` returns to the budget once it is all handed over.
 
         During a pass of :meth:`_pump` nothing is written until the pass ends,
@@ -431,7 +454,7 @@ class Connection(asyncio.BufferedProtocol):
         tx = self.transmission
         assert tx is not None and self.transport is not None
         blocked = (
-            self.phase is Phase.DRAINING
+            self.phase is _DRAINING
             or bool(self._queue)
             or self._replies.unsent > MAX_UNSENT
             or self._inflight >= self.context.limits.max_inflight_requests
@@ -466,8 +489,16 @@ class Connection(asyncio.BufferedProtocol):
         if self.phase is not Phase.CLOSED:
             self._move(Trigger.CLOSE)
             self.context.admission.negotiated(self)
+        # The writer's descriptor would keep the socket open after the transport's.
+        self._close_writer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def _close_writer(self) -> None:
+        if self._writer is not None:
+            self._replies.writer = None
+            self._writer.close()
+            self._writer = None
 
     def note(self, text: str) -> None:
         if self.tracer is not None:

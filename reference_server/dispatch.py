@@ -17,36 +17,50 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .backends.base import Backend
+from .backends.base import Backend, ReadPart
 from .protocol.constants import Command, CommandFlag
 from .protocol.events import Request
-from .protocol.reply_builder import Buffer, ExtentLike, ReplyBuilder, nbd_error
+from .protocol.reply_builder import ExtentLike, ReplyBuilder, nbd_error
 from .protocol.wire import RequestHeader
 
 # Command flag bits as plain ints: RequestHeader.flags is an int on the hot path.
+#: A part of a reply: bytes, or for a read's data the backend's own parts.
+ReplyPart = ReadPart
+
 _FUA = CommandFlag.FUA.value
 _NO_HOLE = CommandFlag.NO_HOLE.value
 _FAST_ZERO = CommandFlag.FAST_ZERO.value
+# Commands bound once: an enum member is looked up through its class five
+# times slower than a module global, and this runs for every request.
+_READ, _WRITE, _FLUSH, _TRIM = Command.READ, Command.WRITE, Command.FLUSH, Command.TRIM
+_WRITE_ZEROES, _CACHE, _BLOCK_STATUS = Command.WRITE_ZEROES, Command.CACHE, Command.BLOCK_STATUS
 
 
-def execute(replies: ReplyBuilder, request: Request, backend: Backend) -> list[Buffer]:
-    """Run one validated request; return the buffers of its whole reply."""
+def execute(
+    replies: ReplyBuilder, request: Request, backend: Backend, *, zero_copy: bool = False
+) -> Sequence[ReplyPart]:
+    """Run one validated request; return the parts of its whole reply.
+
+    With ``zero_copy`` (the connection's socket writer sends file regions
+    and views as they are) a read's data may be parts of the backend
+    itself (:meth:`~.backends.base.Backend.read_parts`).
+    """
     header = request.header
     command = header.command
     try:
-        if command == Command.READ:
-            return _read(replies, header, backend)
-        if command == Command.BLOCK_STATUS:
+        if command == _READ:
+            return _read(replies, header, backend, zero_copy)
+        if command == _BLOCK_STATUS:
             return replies.block_status(header, backend.extents(header.length, header.offset))
         fua = bool(header.flags & _FUA)
-        if command == Command.WRITE:
+        if command == _WRITE:
             backend.pwrite(request.payload, header.offset, fua)
-        elif command == Command.FLUSH:
+        elif command == _FLUSH:
             backend.flush()
-        elif command == Command.TRIM:
+        elif command == _TRIM:
             if header.length:
                 backend.trim(header.length, header.offset, fua)
-        elif command == Command.WRITE_ZEROES:
+        elif command == _WRITE_ZEROES:
             if header.length:
                 backend.zero(
                     header.length,
@@ -55,18 +69,30 @@ def execute(replies: ReplyBuilder, request: Request, backend: Backend) -> list[B
                     fast=bool(header.flags & _FAST_ZERO),
                     fua=fua,
                 )
-        elif command == Command.CACHE and header.length:
+        elif command == _CACHE and header.length:
             backend.cache(header.length, header.offset)
     except OSError as exc:
         return replies.error(header, nbd_error(exc), exc.strerror or str(exc))
     return replies.ok(header)
 
 
-def _read(replies: ReplyBuilder, header: RequestHeader, backend: Backend) -> list[Buffer]:
-    """A read: the builder plans the reply, the backend fills its data regions."""
+def _read(
+    replies: ReplyBuilder, header: RequestHeader, backend: Backend, zero_copy: bool
+) -> Sequence[ReplyPart]:
+    """A read: the builder plans the reply, the backend fills its data regions.
+
+    Or, with ``zero_copy`` and a reply that carries the data in one piece,
+    the builder frames it and the backend's own parts follow.
+    """
     extents: Sequence[ExtentLike] = ()
     if replies.read_wants_extents(header):
         extents = backend.read_extents(header.length, header.offset)
+    if zero_copy:
+        head = replies.read_head(header, extents)
+        if head is not None:
+            parts = backend.read_parts(header.length, header.offset)
+            if parts is not None:
+                return [head, *parts]
     plan = replies.read(header, extents)
     for region, offset in plan.fills:
         backend.pread_into(region, offset)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from reference_server.backends import file as file_backend
-from reference_server.backends.base import Backend, Extent
+from reference_server.backends.base import Backend, Extent, FileRegion
 from reference_server.backends.file import FileBackend
 from reference_server.backends.memory import PAGE_SIZE, MemoryBackend
 from reference_server.protocol.constants import StateFlag
@@ -53,9 +53,9 @@ def check_extents(b: Backend, offset: int, length: int) -> list[Extent]:
     return extents
 
 
-def allocation(b: Backend, offset: int, length: int) -> list[tuple[int, int, StateFlag]]:
-    """(start, length, flags) runs, adjacent equal runs merged."""
-    runs: list[tuple[int, int, StateFlag]] = []
+def allocation(b: Backend, offset: int, length: int) -> list[tuple[int, int, int]]:
+    """(start, length, flags) runs, adjacent equal runs merged (flags: StateFlag bits)."""
+    runs: list[tuple[int, int, int]] = []
     pos = offset
     for e in check_extents(b, offset, length):
         if runs and runs[-1][2] == e.flags:
@@ -407,3 +407,44 @@ def test_file_read_extents_fall_back_to_data_without_seek_data(
 
     monkeypatch.setattr(os, "lseek", lseek)
     assert b.read_extents(4096, 0) == [Extent(4096, DATA)]
+
+
+# ------------------------------------------------ parts a reply carries as they are
+
+
+def test_memory_read_parts_are_the_bytes_holes_included() -> None:
+    b = MemoryBackend(SIZE)
+    b.pwrite(PATTERN, PAGE_SIZE - 100, fua=False)
+    offset, length = PAGE_SIZE - 300, 3 * PAGE_SIZE
+    parts = b.read_parts(length, offset)
+    assert b"".join(bytes(p) for p in parts) == b.pread(length, offset)  # type: ignore[arg-type]
+
+
+def test_file_on_tmpfs_is_served_on_the_loop_and_read_as_a_region() -> None:
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm (tmpfs) here")
+    path = Path("/dev/shm") / f"test-backends-{os.getpid()}.raw"
+    _sparse_file(path, SIZE)
+    b = FileBackend(str(path))
+    try:
+        assert not b.blocking, "tmpfs never waits for a device"
+        parts = b.read_parts(4096, 8192)
+        assert parts is not None and len(parts) == 1
+        (region,) = parts
+        assert isinstance(region, FileRegion) and (region.offset, region.length) == (8192, 4096)
+        assert os.pread(region.fd, 4096, region.offset) == b.pread(4096, 8192)
+    finally:
+        b.close()
+        path.unlink()
+
+
+def test_file_on_disk_blocks_and_has_no_parts(disk: tuple[FileBackend, Path]) -> None:
+    b, path = disk
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if file_backend.on_memory_filesystem(fd):
+            pytest.skip("the temporary directory is on tmpfs")
+    finally:
+        os.close(fd)
+    assert b.blocking
+    assert b.read_parts(4096, 0) is None

@@ -11,6 +11,7 @@ import argparse
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,17 @@ BAD_USAGE = [
     pytest.param(["--minimum-block-size", "128K", "--memory", "1M"], "power of 2", id="min-bs"),
     pytest.param(["--max-payload", "1K", "--memory", "1M"], "max-payload", id="max-payload"),
     pytest.param(["--tls-verify-peer", "--memory", "1M"], "tls-creds", id="verify-no-creds"),
+    pytest.param(["--event-loop", "tornado", "--memory", "1M"], "event-loop", id="bad-loop"),
 ]
+
+
+def test_uvloop_where_it_is_not_installed_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    status, err = run(["--event-loop", "uvloop", "--memory", "1M", "-k", "/tmp/unused"], capsys)
+    assert status == 2
+    assert "uvloop" in err.splitlines()[0] and "pip install uvloop" in err.splitlines()[0]
 
 
 @pytest.mark.parametrize(("argv", "needle"), BAD_USAGE)

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -392,3 +393,61 @@ def test_tls_verify_peer_requires_a_client_certificate(
     assert served.returncode == 0, served.stderr
     assert served.stdout.strip() == str(1 << 20)
     assert server.proc.poll() is None, "the server died on the refused handshake"
+
+
+def _loop_available(loop: str) -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import {loop}"], capture_output=True, timeout=DEADLINE, check=False
+    )
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("backing", ["memory", "tmpfs-file", "disk-file"])
+def test_every_event_loop_serves_pipelined_mixed_sizes_intact(
+    launch: Callable[..., Server], tmp_path: Path, loop: str, backing: str
+) -> None:
+    # The same bytes whichever loop runs the server and whichever path a
+    # request takes (inline, the thread pool, or run now from memory).
+    if loop != "asyncio" and not _loop_available(loop):
+        pytest.skip(f"{loop} is not installed (the 'fast' extra installs it)")
+    size = 8 << 20
+    image: Path | None = None
+    if backing == "memory":
+        target = ["--memory", str(size)]
+    else:
+        if backing == "disk-file":
+            image = tmp_path / "disk.raw"
+        elif Path("/dev/shm").is_dir():
+            image = Path("/dev/shm") / f"test-e2e-{os.getpid()}-{loop}.raw"
+        else:
+            pytest.skip("no /dev/shm (tmpfs) here")
+        with open(image, "wb") as f:
+            f.truncate(size)
+        target = [str(image)]
+    try:
+        server = launch("ours", "--event-loop", loop, *target)
+        h = connect(server)
+        sizes = [4096, 65536, 1 << 20, 512, 131072]
+        writes = []
+        offset = 0
+        for i, size in enumerate(sizes):
+            data = bytes([(i * 37 + j) % 251 for j in range(251)]) * (size // 251 + 1)
+            writes.append((offset, data[:size]))
+            offset += size + 4096
+        for off, data in writes:
+            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        h.flush()
+        reads = [(off, nbd.Buffer(len(data))) for off, data in writes]
+        for off, buf in reads:
+            h.aio_pread(buf, off)
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        for (off, data), (_, buf) in zip(writes, reads, strict=True):
+            assert buf.to_bytearray() == data, f"{len(data)} bytes at {off} read back wrong"
+        h.shutdown()
+    finally:
+        if image is not None:
+            image.unlink(missing_ok=True)

@@ -1,24 +1,21 @@
 """The raw-wire checks can fail: each runs against a deliberately broken toy server.
 
 No real server available here has these bugs (they were fixed years ago), so
-the checks that guard against them would never be seen failing.  The toy server
-below speaks just enough fixed-newstyle NBD (options, STARTTLS, GO, READ, DISC)
-to run them; each flag switches on one historical bug.  It exists for these
-tests only and is not part of the suite or of the reference server.
+the checks that guard against them would never be seen failing.  The toy
+servers in tests/broken_servers/ (toy_tls.py for FORCEDTLS, toy_nbd.py in
+clear) speak just enough NBD to run them; each flag switches on one
+historical bug.  They exist for these tests only and are not part of the
+suite or of the reference server.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib
 import socket
-import ssl
-import struct
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,169 +23,11 @@ from typing import Any
 
 import pytest
 
-from conformance import tlsutil
 from conformance.spec import SpecViolation
-from conformance.wire import Cmd, HandshakeFlag, Info, Opt, Rep, ReplyFlag, ReplyType
-from conformance.wire.constants import (
-    IHAVEOPT,
-    NBDMAGIC,
-    OPTION_REPLY_MAGIC,
-    SIMPLE_REPLY_MAGIC,
-    STRUCTURED_REPLY_MAGIC,
-)
 from tests.broken_servers.toy_nbd import Bugs as NotlsBugs
 from tests.broken_servers.toy_nbd import ToyServer as ToyNotls
+from tests.broken_servers.toy_tls import Bugs, ToyServer
 from tests.processes import die_with_parent, stop, wait_until
-
-SIZE = 1 << 20
-
-
-@dataclasses.dataclass
-class Bugs:
-    ignore_unknown_client_flags: bool = False
-    answer_buffered_plaintext: bool = False  # the STARTTLS command-injection class
-    keep_structured_across_starttls: bool = False  # CVE-2021-3716
-
-
-class ToyServer:
-    """FORCEDTLS toy NBD server on a Unix socket; one thread per connection."""
-
-    def __init__(self, directory: Path, bugs: Bugs) -> None:
-        self.bugs = bugs
-        self.socket_path = str(directory / "toy.sock")
-        self.tls_dir = str(tlsutil.generate(directory / "tls").directory)
-        self.export_name = ""
-        self.tls = True
-        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._ctx.load_cert_chain(
-            f"{self.tls_dir}/server-cert.pem", f"{self.tls_dir}/server-key.pem"
-        )
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.socket_path)
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sessions: list[_Session] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
-
-    def open_socket(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(self.socket_path)
-        return sock
-
-    def close(self) -> None:
-        self._closing.set()
-        self._accepter.join(timeout=5)
-        self._listener.close()
-        for session in self._sessions:
-            with contextlib.suppress(OSError):
-                session.sock.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(3)
-        session = _Session(self, conn)
-        self._sessions.append(session)
-        try:
-            with contextlib.suppress(OSError, EOFError, ssl.SSLError):
-                session.run()
-        finally:
-            session.sock.close()
-            conn.close()
-
-
-class _Session:
-    def __init__(self, server: ToyServer, conn: socket.socket) -> None:
-        self.server, self.bugs, self.sock = server, server.bugs, conn
-        self.buffer = b""
-        self.tls = self.structured = False
-
-    def recv(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            piece = self.sock.recv(65536)  # greedy, like a buffered reader
-            if not piece:
-                raise EOFError
-            self.buffer += piece
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def reply(self, option: int, rep: int, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
-
-    def run(self) -> None:
-        flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
-        self.sock.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags))
-        (client_flags,) = struct.unpack(">I", self.recv(4))
-        if client_flags & ~3 and not self.bugs.ignore_unknown_client_flags:
-            return
-        while True:
-            magic, option, length = struct.unpack(">QII", self.recv(16))
-            self.recv(length)  # option data: the toy never needs it
-            if magic != IHAVEOPT:
-                return
-            if option == Opt.STARTTLS and not self.tls:
-                self.reply(option, Rep.ACK)
-                if self.bugs.answer_buffered_plaintext and self.buffer:
-                    continue  # the next option is served from the plaintext buffer
-                self.buffer = b""
-                self.sock = self.server._ctx.wrap_socket(self.sock, server_side=True)
-                self.tls = True
-                if not self.bugs.keep_structured_across_starttls:
-                    self.structured = False
-            elif option == Opt.STRUCTURED_REPLY and (
-                self.tls or self.bugs.keep_structured_across_starttls
-            ):
-                self.structured = True
-                self.reply(option, Rep.ACK)
-            elif not self.tls:
-                self.reply(option, Rep.ERR_TLS_REQD)
-            elif option == Opt.GO:
-                export = struct.pack(">HQH", Info.EXPORT, SIZE, 1)
-                self.reply(option, Rep.INFO, export)
-                self.reply(option, Rep.ACK)
-                return self.transmission()
-            elif option == Opt.LIST:
-                self.reply(option, Rep.SERVER, b"\0\0\0\0")
-                self.reply(option, Rep.ACK)
-            else:
-                self.reply(option, Rep.ERR_UNSUP)
-
-    def transmission(self) -> None:
-        while True:
-            _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", self.recv(28))
-            if cmd == Cmd.DISC:
-                return
-            if self.structured:
-                payload = struct.pack(">Q", offset) + bytes(length)
-                header = struct.pack(
-                    ">IHHQI",
-                    STRUCTURED_REPLY_MAGIC,
-                    ReplyFlag.DONE,
-                    ReplyType.OFFSET_DATA,
-                    cookie,
-                    len(payload),
-                )
-                self.sock.sendall(header + payload)
-            else:
-                self.sock.sendall(
-                    struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, 0, cookie) + bytes(length)
-                )
 
 
 @pytest.fixture
@@ -198,7 +37,7 @@ def checks(request: pytest.FixtureRequest) -> SimpleNamespace:
     for marker in ("nbd_spec", "writes"):
         if marker not in known:
             request.config.addinivalue_line("markers", f"{marker}: conformance marker")
-    names = ("test_cves", "test_handshake", "test_tls")
+    names = ("test_cves_tls", "test_handshake", "test_tls")
     return SimpleNamespace(**{n[5:]: importlib.import_module(f"conformance.{n}") for n in names})
 
 
@@ -214,7 +53,7 @@ def toy(tmp_path: Path, **bugs: bool) -> Iterator[ToyServer]:
 def test_toy_server_without_bugs_passes_the_checks(tmp_path: Path, checks: SimpleNamespace) -> None:
     with toy(tmp_path) as server:
         checks.tls.test_option_sent_with_starttls_is_not_answered_in_clear(server)
-        checks.cves.test_cve_2021_3716_plaintext_state_does_not_survive_starttls(
+        checks.cves_tls.test_cve_2021_3716_plaintext_state_does_not_survive_starttls(
             server, "structured-reply"
         )
         checks.handshake.test_unknown_client_flag_drops_connection(server, 7)
@@ -237,7 +76,7 @@ def test_cve_2021_3716_check_fails_when_structured_replies_survive(
         toy(tmp_path, keep_structured_across_starttls=True) as server,
         pytest.raises(SpecViolation, match="a simple reply"),
     ):
-        checks.cves.test_cve_2021_3716_plaintext_state_does_not_survive_starttls(
+        checks.cves_tls.test_cve_2021_3716_plaintext_state_does_not_survive_starttls(
             server, "structured-reply"
         )
 
@@ -283,8 +122,8 @@ TOY_CHECKS = {
     "unknown-info": ("test_option_replies", "test_unknown_information_requests_are_ignored", ()),
     "info-once": ("test_option_replies", "test_each_information_type_is_sent_once", ()),
     "no-nul": ("test_option_replies", "test_strings_the_server_sends_have_no_nul", ()),
-    "context-names": ("test_option_replies", "test_context_names_are_valid_strings", ()),
-    "list-ids-zero": ("test_option_replies", "test_listed_context_ids_are_zero", ()),
+    "context-names": ("test_meta_context_options", "test_context_names_are_valid_strings", ()),
+    "list-ids-zero": ("test_meta_context_options", "test_listed_context_ids_are_zero", ()),
     "notls-starttls": ("test_tls", "test_starttls_without_tls_gets_policy_or_unsup", ()),
     "notls-no-tls-reqd": ("test_tls", "test_notls_server_never_answers_tls_reqd", ()),
 }

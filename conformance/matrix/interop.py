@@ -128,7 +128,7 @@ MAXIMUM_INTEROPERABILITY = FeatureSet(
         Feature(
             "TLS-encrypted communication, which may be required by some implementations or "
             "configurations;",
-            _t("tls", "test_*") + _t("cves", "test_cve_2019_14850_*", "test_cve_2021_3716_*"),
+            _t("tls", "test_*") + _t("cves_tls", "test_cve_2019_14850_*", "test_cve_2021_3716_*"),
         ),
         Feature(
             "Servers that implement size constraints through `NBD_INFO_BLOCK_SIZE` and desire "
@@ -146,7 +146,7 @@ MAXIMUM_INTEROPERABILITY = FeatureSet(
                 "test_no_zeroes_omits_zeroes_after_export_name",
                 "test_transmission_flags_*[[]export_name]",
             )
-            + _t("cves", "test_cve_2017_15118_long_export_name[[]EXPORT_NAME-*]"),
+            + _t("cves_negotiation", "test_cve_2017_15118_long_export_name[[]EXPORT_NAME-*]"),
         ),
         Feature(
             "For data safety, implementing `NBD_CMD_FLUSH` and the `NBD_CMD_FLAG_FUA` flag to "

@@ -84,6 +84,11 @@ class OptionResult:
                 out[name] = context_id
         return out
 
+    @property
+    def context_replies(self) -> list[bytes]:
+        """LIST/SET_META_CONTEXT: the payload of every NBD_REP_META_CONTEXT (ID, then name)."""
+        return [r.data for r in self.intermediate if r.type == Rep.META_CONTEXT]
+
     def describe(self) -> str:
         return ", ".join(f"{r.type.name}({len(r.data)} bytes)" for r in self.replies)
 

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from conformance.spec import SpecViolation
+from conformance.spec import SpecViolation, expect_equal, unsupported
 from conformance.tlsutil import client_context
 
 from .client import Disconnected, WireClient
-from .constants import Cmd, Errno, Info
+from .constants import BASE_ALLOCATION, Cmd, Errno, Info, Rep
 from .messages import ExportInfo, ProtocolViolation
+from .results import OptionResult
 
 PROBE_TIMEOUT = 10.0
 
@@ -91,6 +94,63 @@ def transmission(
     return client, export
 
 
+def transmission_with(server: Any, replies: str) -> tuple[WireClient, ExportInfo]:
+    """:func:`transmission` with ``simple`` or ``structured`` REPLIES.
+
+    UNSUPPORTED when the server does not negotiate NBD_OPT_STRUCTURED_REPLY
+    (structured replies are a SHOULD: "Values / Handshake phase / Option types").
+    """
+    try:
+        return transmission(server, structured=replies == "structured")
+    except ProtocolViolation as exc:
+        if replies == "structured" and "STRUCTURED_REPLY" in str(exc):
+            unsupported("the server does not negotiate NBD_OPT_STRUCTURED_REPLY")
+        raise
+
+
+@dataclass
+class ReplyModeSession:
+    """A client in transmission in one reply mode, what NBD_OPT_GO said, base:allocation's ID."""
+
+    client: WireClient
+    go: OptionResult
+    export: ExportInfo
+    #: The ID the server gave base:allocation, None where not asked for or not offered.
+    context_id: int | None
+
+
+@contextlib.contextmanager
+def reply_mode(server: Any, mode: str, *, meta: bool = True) -> Iterator[ReplyModeSession]:
+    """A client in transmission with ``simple``, ``structured`` or ``extended`` replies.
+
+    The checks that look at every reply path start here: the mode's option
+    (NBD_OPT_STRUCTURED_REPLY or NBD_OPT_EXTENDED_HEADERS) must be ACKed, or
+    the check is UNSUPPORTED when the server answers NBD_REP_ERR_UNSUP; with
+    META (and a mode with reply payloads), base:allocation is selected where
+    offered; then NBD_OPT_GO asking for NBD_INFO_BLOCK_SIZE must be ACKed.
+    """
+    client = negotiated(server)
+    try:
+        if mode != "simple":
+            extended = mode == "extended"
+            option = "NBD_OPT_EXTENDED_HEADERS" if extended else "NBD_OPT_STRUCTURED_REPLY"
+            result = client.extended_headers() if extended else client.structured_reply()
+            if result.type == Rep.ERR_UNSUP:
+                unsupported(f"the server does not support {option}")
+            expect_equal(result.type.name, "ACK", f"reply to {option}")
+        name = export_name(server)
+        context_id = None
+        if meta and mode != "simple":
+            selected = client.set_meta_context(name, (BASE_ALLOCATION.encode(),))
+            context_id = selected.contexts.get(BASE_ALLOCATION)
+        go = client.go(name, (Info.BLOCK_SIZE,))
+        expect_equal(go.type.name, "ACK", "reply to NBD_OPT_GO")
+        assert go.export is not None
+        yield ReplyModeSession(client, go, go.export, context_id)
+    finally:
+        client.close()
+
+
 def require_tls_context(server: Any) -> ssl.SSLContext:
     """The client TLS context of a server configured for TLS."""
     ctx = tls_context(server)
@@ -127,6 +187,20 @@ def assert_still_serving(
         raise SpecViolation(what, detail=detail) from None
     finally:
         client.disconnect()
+
+
+def assert_still_answers(client: WireClient, after: str, *, cookie: int | None = None) -> None:
+    """Fail unless the same connection answers a plain 512-byte READ: AFTER cost nothing else.
+
+    *after* names what the check sent before, for the message; *cookie* is the
+    READ's cookie (the client's next one by default).
+    """
+    what = f"a READ on the same connection after {after}"
+    try:
+        reply = client.reply(client.send_request(Cmd.READ, 0, 512, cookie=cookie))
+    except (Disconnected, TimeoutError, ProtocolViolation) as exc:
+        raise SpecViolation(what, detail=f"expected a reply, actual {exc}") from None
+    expect_equal(reply.error, Errno.OK, what)
 
 
 def wait_for_close(client: WireClient, timeout: float) -> tuple[str, bytes]:

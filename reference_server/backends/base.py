@@ -12,14 +12,24 @@ from __future__ import annotations
 import abc
 from typing import NamedTuple
 
-from ..protocol.constants import StateFlag
-
 
 class Extent(NamedTuple):
     """A run of bytes with one base:allocation status."""
 
     length: int
-    flags: StateFlag
+    flags: int  # StateFlag bits as a plain int: IntFlag arithmetic is slow per request
+
+
+class FileRegion(NamedTuple):
+    """Bytes of an open file, sent from the page cache (``os.sendfile``) without a copy."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+#: What a reply can carry a read's data as: memory, or a region of a file.
+ReadPart = bytes | bytearray | memoryview | FileRegion
 
 
 class Backend(abc.ABC):
@@ -44,6 +54,18 @@ class Backend(abc.ABC):
     def pread_into(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` from ``offset``: lets a reply be built in one buffer."""
         view[:] = self.pread(len(view), offset)
+
+    def read_parts(self, length: int, offset: int) -> list[ReadPart] | None:
+        """A range as parts a reply can carry as they are: views of the backend's
+        memory, or regions of its file (the socket writer sends them without
+        copying).  None when the backend cannot (the data is then read into
+        the reply with :meth:`pread_into`).
+
+        The parts are read when they are sent, not now: a write that lands in
+        between shows in them, as if the two requests had run in the other
+        order ("The server MAY process commands out of order").
+        """
+        return None
 
     @abc.abstractmethod
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:

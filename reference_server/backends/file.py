@@ -13,15 +13,15 @@ import os
 import stat
 
 from ..protocol.constants import StateFlag
-from .base import Backend, Extent
+from .base import Backend, Extent, FileRegion, ReadPart
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_HOLE = StateFlag.HOLE | StateFlag.ZERO
-_DATA = StateFlag(0)
+_HOLE = (StateFlag.HOLE | StateFlag.ZERO).value
+_DATA = 0
 _ZERO_CHUNK = 1 << 20
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -31,6 +31,22 @@ if _fallocate is not None:
     _fallocate.restype = ctypes.c_int
 
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+# statfs(2) f_type of the filesystems that keep file data in memory (tmpfs,
+# /dev/shm; ramfs): their reads never wait for a device.
+_MEMORY_FILESYSTEMS = (0x01021994, 0x858458F6)
+_fstatfs = getattr(_libc, "fstatfs", None)
+
+
+def on_memory_filesystem(fd: int) -> bool:
+    """Whether ``fd``'s file lives on tmpfs or ramfs (False when it cannot tell)."""
+    if _fstatfs is None:
+        return False
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _fstatfs(fd, buf) != 0:
+        return False
+    # f_type is the first member, a C long (__fsword_t).
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FILESYSTEMS
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -65,6 +81,11 @@ class FileBackend(Backend):
         self._can_punch: bool | None = None if self._regular else False
         self._can_zero_range: bool | None = None if self._regular else False
         self.can_fast_zero = self._regular
+        # A file on tmpfs is memory: nothing done to it waits for a device,
+        # so it is served on the event loop, and its reads are sent straight
+        # from the page cache (read_parts).
+        self._in_memory = self._regular and on_memory_filesystem(self._fd)
+        self.blocking = not self._in_memory
 
     def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
         data = os.pread(self._fd, length, offset)
@@ -86,6 +107,12 @@ class FileBackend(Backend):
             if n == 0:
                 raise OSError(errno.EIO, "file shrank underneath the export")
             done += n
+
+    def read_parts(self, length: int, offset: int) -> list[ReadPart] | None:
+        """The range as a region of the file, when the file is in memory (tmpfs)."""
+        if not self._in_memory:
+            return None
+        return [FileRegion(self._fd, offset, length)]
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         view = memoryview(data).cast("B")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import threading
 
 from ..protocol.constants import StateFlag
-from .base import Backend, Extent
+from .base import Backend, Extent, ReadPart
 
 PAGE_SIZE = 32 * 1024
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _ZERO_VIEW = memoryview(_ZERO_PAGE)
-_HOLE = StateFlag.HOLE | StateFlag.ZERO
-_DATA = StateFlag(0)
+_HOLE = (StateFlag.HOLE | StateFlag.ZERO).value
+_DATA = 0
 
 
 class MemoryBackend(Backend):
@@ -48,6 +48,21 @@ class MemoryBackend(Backend):
                 elif not fresh:
                     view[pos : pos + n] = _ZERO_VIEW[:n]
                 pos += n
+
+    def read_parts(self, length: int, offset: int) -> list[ReadPart]:
+        """Views of the pages (and of one page of zeroes for holes)."""
+        parts: list[ReadPart] = []
+        pages = self._pages
+        pos = 0
+        while pos < length:
+            index, start = divmod(offset + pos, PAGE_SIZE)
+            n = min(PAGE_SIZE - start, length - pos)
+            page = pages.get(index)
+            parts.append(
+                memoryview(page)[start : start + n] if page is not None else _ZERO_VIEW[:n]
+            )
+            pos += n
+        return parts
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         src = memoryview(data).cast("B")
@@ -124,7 +139,7 @@ class MemoryBackend(Backend):
                 allocated = sorted(i for i in self._pages if first <= i <= last)
         result: list[Extent] = []
 
-        def add(n: int, flags: StateFlag) -> None:
+        def add(n: int, flags: int) -> None:
             if result and result[-1].flags == flags:
                 result[-1] = Extent(result[-1].length + n, flags)
             else:
@@ -141,6 +156,16 @@ class MemoryBackend(Backend):
         if pos < end:
             add(end - pos, _HOLE)
         return result
+
+    def read_extents(self, length: int, offset: int) -> list[Extent]:
+        """Data or holes for a read: a range within written pages is answered at once."""
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        pages = self._pages
+        if first in pages and (
+            first == last or (last - first < 8 and all(i in pages for i in range(first, last + 1)))
+        ):
+            return [Extent(length, _DATA)]
+        return self.extents(length, offset)
 
     @property
     def allocated_bytes(self) -> int:

@@ -7,6 +7,7 @@ returns one of these to say what the transport must do next.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .export import Negotiated
 from .wire import RequestHeader
@@ -41,13 +42,12 @@ class Close:
     clean: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """A validated transmission request, ready to run.
 
     ``header`` holds the request message's fields (its command is a
     ``constants.Command``); ``payload`` holds the data of NBD_CMD_WRITE and
-    is empty otherwise.
+    is empty otherwise.  A named tuple: one is made per request.
     """
 
     header: RequestHeader

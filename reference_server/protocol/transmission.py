@@ -55,6 +55,16 @@ _RANGE_ERROR = {
     Command.BLOCK_STATUS: Errno.EINVAL,
 }
 _WRITING = (Command.WRITE, Command.TRIM, Command.WRITE_ZEROES)
+# Commands a transmission flag must advertise before a client may send them.
+_ADVERTISED_BY = {
+    Command.TRIM: TransmissionFlag.SEND_TRIM,
+    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+    Command.CACHE: TransmissionFlag.SEND_CACHE,
+}
+# Members read on every request, bound once: an enum member is looked up
+# through its class five times slower than a module global.
+_READ, _WRITE, _DISC = Command.READ, Command.WRITE, Command.DISC
+_BLOCK_STATUS = Command.BLOCK_STATUS
 # Command flag bits as plain ints: RequestHeader.flags is an int on the hot path.
 _PAYLOAD_LEN = CommandFlag.PAYLOAD_LEN.value
 _AWAITING_REQUEST = TransmissionPhase.AWAITING_REQUEST
@@ -89,7 +99,16 @@ class Transmission:
         self._allowed = {
             command: int(self._allowed_flags(valid)) for command, valid in FLAGS_VALID_FOR.items()
         }
+        # Per command: the error that refuses it outright on this connection
+        # (nothing depends on the request's fields), decided once here.
+        self._refused = {
+            command: refused
+            for command in FLAGS_VALID_FOR
+            if (refused := self._refusal(command)) is not None
+        }
         self._max_payload = negotiated.export.block_sizes.maximum
+        # "Size constraints": a larger payload is never read.
+        self._payload_limit = max(self._max_payload, DEFAULT_MAX_PAYLOAD)
         self._minimum = negotiated.export.block_sizes.minimum
         self._trace = trace
         #: Frames this connection's replies; the dispatch layer uses it too.
@@ -193,13 +212,13 @@ class Transmission:
             if self._trace:
                 self._traced_request(request)
             payload_length = self._payload_size(request)
-            limit = max(self._max_payload, DEFAULT_MAX_PAYLOAD)
+            limit = self._payload_limit
             if payload_length > limit:
                 # "Size constraints": a payload this large may be deemed a
                 # denial of service; it is never read (CVE-2005-3534).
                 self._phases.fire(TransmissionTrigger.PAYLOAD_TOO_LARGE)
                 return Close(f"request payload of {payload_length} bytes exceeds {limit}")
-            if request.command == Command.DISC:
+            if request.command == _DISC:
                 # "The server MUST handle all outstanding requests ... and close".
                 self._phases.fire(TransmissionTrigger.DISC_RECEIVED)
                 return Close("client sent NBD_CMD_DISC", clean=True)
@@ -263,21 +282,13 @@ class Transmission:
             )
         if self._extended:
             has_payload = bool(flags & _PAYLOAD_LEN)
-            if command == Command.WRITE and not has_payload:
+            if command == _WRITE and not has_payload:
                 return RequestRejected(Errno.EINVAL, "extended NBD_CMD_WRITE needs PAYLOAD_LEN")
-        if self._export.read_only and command in _WRITING:
-            return RequestRejected(Errno.EPERM, "the export is read-only")
-        if command == Command.TRIM and not self._flags & TransmissionFlag.SEND_TRIM:
-            return RequestRejected(Errno.EINVAL, "NBD_CMD_TRIM was not advertised")
-        if command == Command.WRITE_ZEROES and not self._flags & TransmissionFlag.SEND_WRITE_ZEROES:
-            return RequestRejected(Errno.EINVAL, "NBD_CMD_WRITE_ZEROES was not advertised")
-        if command == Command.CACHE and not self._flags & TransmissionFlag.SEND_CACHE:
-            return RequestRejected(Errno.EINVAL, "NBD_CMD_CACHE was not advertised")
-        if command == Command.BLOCK_STATUS:
-            if not self.negotiated.meta_contexts:
-                return RequestRejected(Errno.EINVAL, "no metadata context was negotiated")
-            if request.length == 0:
-                return RequestRejected(Errno.EINVAL, "block status of zero length")
+        refused = self._refused.get(command)
+        if refused is not None:
+            return refused
+        if command == _BLOCK_STATUS and request.length == 0:
+            return RequestRejected(Errno.EINVAL, "block status of zero length")
         range_error = _RANGE_ERROR.get(command)
         if range_error is not None:
             if request.offset + request.length > self._export.size:
@@ -291,7 +302,7 @@ class Transmission:
                     Errno.EINVAL,
                     f"request is not aligned to the minimum block size {self._minimum}",
                 )
-        if command == Command.READ and request.length > self._max_payload:
+        if command == _READ and request.length > self._max_payload:
             # With structured replies the spec documents EOVERFLOW for a read
             # too large to send; with simple replies the client broke a MUST.
             error = Errno.EOVERFLOW if self._structured else Errno.EINVAL
@@ -299,7 +310,7 @@ class Transmission:
                 error,
                 f"read of {request.length} bytes exceeds the maximum payload {self._max_payload}",
             )
-        if command == Command.WRITE and payload_length > self._max_payload:
+        if command == _WRITE and payload_length > self._max_payload:
             return RequestRejected(
                 Errno.EINVAL,
                 f"write of {payload_length} bytes exceeds the maximum payload {self._max_payload}",
@@ -311,7 +322,18 @@ class Transmission:
     def _payload_size(self, request: RequestHeader) -> int:
         if self._extended:
             return request.length if request.flags & _PAYLOAD_LEN else 0
-        return request.length if request.command == Command.WRITE else 0
+        return request.length if request.command == _WRITE else 0
+
+    def _refusal(self, command: Command) -> RequestRejected | None:
+        """Why ``command`` is refused whatever its fields, on this connection (None: it is not)."""
+        if self._export.read_only and command in _WRITING:
+            return RequestRejected(Errno.EPERM, "the export is read-only")
+        needed = _ADVERTISED_BY.get(command)
+        if needed is not None and not self._flags & needed:
+            return RequestRejected(Errno.EINVAL, f"NBD_CMD_{command.name} was not advertised")
+        if command == _BLOCK_STATUS and not self.negotiated.meta_contexts:
+            return RequestRejected(Errno.EINVAL, "no metadata context was negotiated")
+        return None
 
     def _allowed_flags(self, valid: CommandFlag) -> CommandFlag:
         """Of a command's ``valid`` flags, those usable given what was negotiated."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .constants import (
     EXTENDED_REPLY_MAGIC,
@@ -167,9 +168,12 @@ def unpack_meta_context_request(payload: bytes, max_queries: int) -> MetaContext
 # ------------------------------------------------------------- transmission
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHeader:
-    """The header of one transmission request ("Request message"), compact or extended."""
+class RequestHeader(NamedTuple):
+    """The header of one transmission request ("Request message"), compact or extended.
+
+    A named tuple rather than a frozen dataclass: one is made per request,
+    and a tuple is built four times faster (immutable all the same).
+    """
 
     flags: int  # CommandFlag bits, kept as a plain int: IntFlag arithmetic is slow
     command: Command

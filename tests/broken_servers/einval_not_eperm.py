@@ -12,12 +12,13 @@ of NBD_FLAG_READ_ONLY, but with NBD_EINVAL.  For the project's own tests only
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from patched_server import import_reference_server, serve_with
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from reference_server import cli, connection
+    import_reference_server()
+    from reference_server import connection
     from reference_server.protocol.constants import Errno
     from reference_server.protocol.transmission import RequestRejected, Transmission
     from reference_server.protocol.wire import RequestHeader
@@ -29,8 +30,7 @@ def main() -> int:
                 return RequestRejected(Errno.EINVAL, rejected.message)
             return rejected
 
-    setattr(connection, "Transmission", EinvalTransmission)  # noqa: B010 - patch the name
-    return cli.main(sys.argv[1:])
+    return serve_with(connection, "Transmission", EinvalTransmission, sys.argv[1:])
 
 
 if __name__ == "__main__":

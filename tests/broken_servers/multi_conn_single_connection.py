@@ -15,21 +15,20 @@ project's own tests only (tests/test_suite_can_fail.py).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from patched_server import import_reference_server, mode_argument, serve_with
 
 MODES = ("read-only", "always")
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    mode = mode_argument(MODES)
+    if mode is None:
+        return 2
+    import_reference_server()
     from reference_server import cli
     from reference_server.protocol.constants import TransmissionFlag
     from reference_server.protocol.export import ExportInfo
-
-    if len(sys.argv) < 2 or sys.argv[1] not in MODES:
-        print(f"usage: {sys.argv[0]} {{{','.join(MODES)}}} OPTIONS...", file=sys.stderr)
-        return 2
-    mode = sys.argv[1]
 
     class MultiConnExportInfo(ExportInfo):
         __slots__ = ()
@@ -40,8 +39,7 @@ def main() -> int:
                 flags |= TransmissionFlag.CAN_MULTI_CONN
             return flags
 
-    setattr(cli, "ExportInfo", MultiConnExportInfo)  # noqa: B010 - patch the CLI's name
-    return cli.main(sys.argv[2:])
+    return serve_with(cli, "ExportInfo", MultiConnExportInfo, sys.argv[2:])
 
 
 if __name__ == "__main__":

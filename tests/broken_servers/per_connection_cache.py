@@ -26,23 +26,22 @@ MODE is the cache's bug:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from patched_server import import_reference_server, mode_argument, serve_with
 
 PAGE = 4096
 MODES = ("write-back-at-disconnect", "flush-writes-back-own", "stale-read-cache")
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from reference_server import cli, server
+    mode = mode_argument(MODES)
+    if mode is None:
+        return 2
+    import_reference_server()
+    from reference_server import server
     from reference_server.backends.base import Backend, Extent
     from reference_server.connection import Connection
     from reference_server.protocol.constants import StateFlag
-
-    if len(sys.argv) < 2 or sys.argv[1] not in MODES:
-        print(f"usage: {sys.argv[0]} {{{','.join(MODES)}}} OPTIONS...", file=sys.stderr)
-        return 2
-    mode = sys.argv[1]
 
     class CachedView(Backend):
         """One connection's view of the shared backend, through a page cache."""
@@ -142,8 +141,7 @@ def main() -> int:
                 self._view.close_connection()
             super().connection_lost(exc)
 
-    setattr(server, "Connection", CachingConnection)  # noqa: B010 - patch the server's name
-    return cli.main(sys.argv[2:])
+    return serve_with(server, "Connection", CachingConnection, sys.argv[2:])
 
 
 if __name__ == "__main__":

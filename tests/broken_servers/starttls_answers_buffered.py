@@ -12,12 +12,13 @@ STARTTLS).  For the project's own tests only (tests/test_suite_can_fail.py).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from patched_server import import_reference_server, serve_with
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from reference_server import cli, connection
+    import_reference_server()
+    from reference_server import connection
     from reference_server.protocol.constants import Option, Reply
     from reference_server.protocol.events import Event, NeedData, StartTLS
     from reference_server.protocol.handshake import Handshake
@@ -42,8 +43,7 @@ def main() -> int:
                 return StartTLS()
             return event
 
-    setattr(connection, "Handshake", InjectableHandshake)  # noqa: B010 - patch the name
-    return cli.main(sys.argv[1:])
+    return serve_with(connection, "Handshake", InjectableHandshake, sys.argv[1:])
 
 
 if __name__ == "__main__":

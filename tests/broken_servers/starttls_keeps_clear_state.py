@@ -17,22 +17,22 @@ own tests only (tests/test_suite_can_fail.py).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from patched_server import import_reference_server, mode_argument, serve_with
 
 MODES = ("answered", "silent")
 
 
 def main() -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from reference_server import cli, connection
+    mode = mode_argument(MODES)
+    if mode is None:
+        return 2
+    import_reference_server()
+    from reference_server import connection
     from reference_server.protocol.constants import Option
     from reference_server.protocol.events import Event
     from reference_server.protocol.handshake import Handshake
 
-    if len(sys.argv) < 2 or sys.argv[1] not in MODES:
-        print(f"usage: {sys.argv[0]} {{{','.join(MODES)}}} OPTIONS...", file=sys.stderr)
-        return 2
-    mode = sys.argv[1]
     in_clear = (Option.STRUCTURED_REPLY, Option.SET_META_CONTEXT)
 
     class LeakyHandshake(Handshake):
@@ -50,8 +50,7 @@ def main() -> int:
             super().tls_established()
             self._structured, self._extended, self._meta_export, self._meta_contexts = kept
 
-    setattr(connection, "Handshake", LeakyHandshake)  # noqa: B010 - patch the name
-    return cli.main(sys.argv[2:])
+    return serve_with(connection, "Handshake", LeakyHandshake, sys.argv[2:])
 
 
 if __name__ == "__main__":

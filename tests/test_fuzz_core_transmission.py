@@ -1,329 +1,45 @@
-"""Hypothesis fuzzing of the sans-IO core: Handshake and Transmission.
+"""Hypothesis fuzzing of the sans-IO Transmission: fuzzed requests and arbitrary bytes.
 
-No backend is involved: the core turns bytes into validated requests and
-results into reply bytes, and the tests run each request against a plain
-bytearray through the core's own reply builder (:func:`serve`), the way
-``reference_server/dispatch.py`` runs it against a backend.
+Each request runs against a plain bytearray through the core's own reply
+builder (:func:`serve`), the way ``reference_server/dispatch.py`` runs it
+against a backend; a shadow copy of the export predicts every successful
+read, every complete request gets exactly one final reply with its cookie.
 
-Arbitrary byte streams, and structure-aware streams (valid options and requests
-with mutated lengths, magics, flags and payloads, then random byte damage), are
-fed in random chunks.  Checked for every example:
-
-* no exception escapes (the core documents none: every client error is an
-  option error reply, an NBD error reply, or a Close event);
-* the server stays in step with the client's framing: every complete option
-  gets exactly one final reply (ACK or error) in order, every complete request
-  exactly one final reply with its cookie, and all output parses;
-* no state corruption: a shadow copy of the export predicts every successful
-  read, and bytes left over after NBD_OPT_GO are exactly the client's.
-
-CI runs a fixed number of derandomized examples (deterministic, well under
-20 s).  To fuzz harder, with a seed that is printed and can be replayed:
-
-    NBD_FUZZ_EXAMPLES=20000 NBD_FUZZ_SEED=$RANDOM pytest tests/test_fuzz_core.py -s
-
-A failure prints the seed and a ``@reproduce_failure`` blob.
+Settings, seed and shared strategies: tests/core_fuzzing.py (how to fuzz harder too).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import struct
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
-import pytest
-from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from reference_server.protocol.constants import ChunkType, Command, Info, Option, Reply
-from reference_server.protocol.events import Close, EnterTransmission, NeedData, StartTLS
+from reference_server.protocol.constants import ChunkType, Command, Info, Option
+from reference_server.protocol.events import Close, EnterTransmission, NeedData
 from reference_server.protocol.events import Request as RequestEvent
 from reference_server.protocol.export import BlockSizes, ExportInfo
-from reference_server.protocol.handshake import Handshake, HandshakeLimits
+from reference_server.protocol.handshake import Handshake
 from reference_server.protocol.reply_builder import Buffer
 from reference_server.protocol.transmission import Transmission
-
-EXAMPLES = int(os.environ.get("NBD_FUZZ_EXAMPLES", "300"))
-SEED = os.environ.get("NBD_FUZZ_SEED")
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    derandomize=SEED is None,
-    deadline=None,
-    database=None,
-    print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+from tests.core_fuzzing import (
+    EXTENDED_MAGIC,
+    EXTENDED_REQUEST_MAGIC,
+    IHAVEOPT,
+    MAX_PAYLOAD,
+    NBD_ERRORS,
+    REQUEST_MAGIC,
+    SIMPLE_MAGIC,
+    SIZE,
+    STRUCTURED_MAGIC,
+    chunked,
+    cuts,
+    fuzz,
+    report_fuzz_seed,  # noqa: F401  (autouse: prints the seed)
+    u32,
 )
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fuzz(test: F) -> F:
-    """The shared settings, plus the seed when one was asked for."""
-    wrapped = FUZZ(test)
-    return seed(int(SEED))(wrapped) if SEED is not None else wrapped
-
-
-@pytest.fixture(autouse=True)
-def _report_seed() -> Iterator[None]:
-    mode = f"seed={SEED}" if SEED is not None else "derandomized"
-    print(f"hypothesis fuzz: {mode} max_examples={EXAMPLES}")
-    yield
-
-
-IHAVEOPT = 0x49484156454F5054
-REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-EXTENDED_REQUEST_MAGIC = 0x21E41C71
-SIMPLE_MAGIC = 0x67446698
-STRUCTURED_MAGIC = 0x668E33EF
-EXTENDED_MAGIC = 0x6E8A278C
-OPTION_LIMIT = 512
-MAX_PAYLOAD = 1 << 25
-NBD_ERRORS = {1, 5, 12, 22, 28, 75, 95, 108}
-SIZE = 256 * 1024
-
-# ------------------------------------------------------------- strategies
-
-
-def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in itertools.pairwise(points)]
-
-
-def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
-    """Random damage: (kind, position, value) flips, inserts or deletes a byte."""
-    buf = bytearray(data)
-    for kind, pos, value in edits:
-        if not buf:
-            buf.append(value)
-            continue
-        i = pos % len(buf)
-        if kind == 0:
-            buf[i] ^= value or 1
-        elif kind == 1:
-            buf.insert(i, value)
-        else:
-            del buf[i]
-    return bytes(buf)
-
-
-edits = st.lists(
-    st.tuples(st.integers(0, 2), st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4
-)
-cuts = st.lists(st.integers(0, 1 << 16), max_size=12)
-u32 = st.integers(0, 0xFFFFFFFF)
-names = st.sampled_from([b"", b"a", b"missing", "é".encode(), b"\xff\xfe", b"x" * 4097])
-queries = st.sampled_from(
-    [b"base:allocation", b"base:", b"base:x", b"qemu:dirty-bitmap:b", b"nocolon", b""]
-)
-
-
-@st.composite
-def option_data(draw: st.DrawFn, number: int) -> bytes:
-    if number in (Option.INFO, Option.GO):
-        infos = draw(st.lists(st.sampled_from([*Info, 0x7777]), max_size=5))
-        name = draw(names)
-        return (
-            struct.pack(">I", len(name))
-            + name
-            + struct.pack(">H", len(infos))
-            + b"".join(struct.pack(">H", i) for i in infos)
-        )
-    if number in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
-        name = draw(names)
-        qs = draw(st.lists(queries, max_size=4))
-        count = draw(st.one_of(st.just(len(qs)), u32))
-        body = b"".join(struct.pack(">I", len(q)) + q for q in qs)
-        return struct.pack(">I", len(name)) + name + struct.pack(">I", count) + body
-    if number == Option.EXPORT_NAME:
-        return draw(names)
-    return draw(st.one_of(st.just(b""), st.binary(max_size=40)))
-
-
-@st.composite
-def one_option(draw: st.DrawFn) -> bytes:
-    number = draw(st.one_of(st.sampled_from(list(Option)), st.integers(0, 40), u32))
-    data = draw(option_data(number))
-    length = draw(
-        st.one_of(
-            st.just(len(data)),
-            st.just(len(data)),
-            st.integers(0, len(data) + 8),
-            st.sampled_from([OPTION_LIMIT, OPTION_LIMIT + 1, 0xFFFFFFFF]),
-        )
-    )
-    magic = draw(st.one_of(st.just(IHAVEOPT), st.just(IHAVEOPT), st.integers(0, 2**64 - 1)))
-    return struct.pack(">QII", magic, number, length) + data
-
-
-@st.composite
-def handshake_stream(draw: st.DrawFn) -> bytes:
-    flags = draw(st.one_of(st.sampled_from([3, 1, 2, 0]), u32))
-    options = draw(st.lists(one_option(), max_size=8))
-    return mutate(struct.pack(">I", flags) + b"".join(options), draw(edits))
-
-
-# --------------------------------------------------------- handshake model
-
-
-@dataclass
-class ClientOption:
-    number: int
-    end: int  # offset just after its data in the stream
-    oversized: bool
-
-
-def client_options(stream: bytes) -> list[ClientOption]:
-    """The options a correct server must frame, in order, as proto.md lays them out."""
-    out: list[ClientOption] = []
-    pos = 4
-    while len(stream) - pos >= 16:
-        magic, number, length = struct.unpack_from(">QII", stream, pos)
-        if magic != IHAVEOPT:
-            break
-        if length > OPTION_LIMIT:
-            out.append(ClientOption(number, -1, True))
-            break
-        if len(stream) - pos - 16 < length:
-            break
-        pos += 16 + length
-        out.append(ClientOption(number, pos, False))
-    return out
-
-
-def parse_option_replies(data: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
-    replies = []
-    pos = 0
-    while len(data) - pos >= 20:
-        magic, opt, rtype, length = struct.unpack_from(">QIII", data, pos)
-        if magic != REPLY_MAGIC or len(data) - pos - 20 < length:
-            break
-        replies.append((opt, rtype, data[pos + 20 : pos + 20 + length]))
-        pos += 20 + length
-    return replies, data[pos:]
-
-
-EXPORTS = {
-    "": ExportInfo("", SIZE, description="default"),
-    "a": ExportInfo("a", SIZE, block_sizes=BlockSizes(512, 4096, 1 << 20)),
-}
-
-
-def run_handshake(
-    stream: bytes,
-    pieces: list[bytes],
-    *,
-    tls: bool,
-    refuse: bool,
-    over_tls: bool = False,
-) -> tuple[Handshake, object, bytes, int]:
-    """Feed ``pieces`` (the whole ``stream``); with ``over_tls``, after a real STARTTLS."""
-    hs = Handshake(
-        EXPORTS, tls_available=tls, limits=HandshakeLimits(max_option_payload=OPTION_LIMIT)
-    )
-    assert hs.data_to_send() == b"NBDMAGICIHAVEOPT\x00\x03"
-    fed = 0
-    if over_tls:
-        # The stream's first 4 bytes stand for the client flags sent in clear.
-        hs.receive_data(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, Option.STARTTLS, 0))
-        assert isinstance(hs.next_event(), StartTLS)
-        hs.data_to_send()
-        hs.tls_established()
-        pieces = chunked(stream[4:], [])
-        fed = 4
-    if refuse:
-        hs.refuse(Reply.ERR_POLICY, "full")
-    out = b""
-    event: object = NeedData()
-    for piece in pieces:
-        hs.receive_data(piece)
-        fed += len(piece)
-        event = hs.next_event()
-        out += hs.data_to_send()
-        assert isinstance(event, NeedData | Close | EnterTransmission | StartTLS), event
-        if not isinstance(event, NeedData):
-            break
-    return hs, event, out, fed
-
-
-def check_handshake(
-    stream: bytes, pieces: list[bytes], *, tls: bool, refuse: bool, over_tls: bool = False
-) -> None:
-    hs, event, out, fed = run_handshake(stream, pieces, tls=tls, refuse=refuse, over_tls=over_tls)
-    if over_tls:
-        stream = struct.pack(">I", 3) + stream[4:]
-        # Over TLS: "MUST NOT send NBD_REP_ERR_TLS_REQD"; STARTTLS again is an error.
-        for opt, rtype, _ in parse_option_replies(out)[0]:
-            assert rtype != Reply.ERR_TLS_REQD
-            assert opt != Option.STARTTLS or rtype >> 31, "a second TLS upgrade was accepted"
-    if fed < 4:
-        assert isinstance(event, NeedData) and out == b""
-        return
-    flags_ok = not struct.unpack_from(">I", stream)[0] & ~3
-    replies, rest = parse_option_replies(out)
-    finals = [(opt, rtype) for opt, rtype, _ in replies if rtype == Reply.ACK or rtype >> 31]
-    # Informational replies belong to the option whose final reply follows.
-    pending = None
-    for opt, rtype, payload in replies:
-        if rtype >> 31:
-            payload.decode("utf-8")  # error messages are strings
-            assert len(payload) <= 4096
-        if pending is not None:
-            assert opt == pending, "replies of two options interleaved"
-        pending = None if (rtype == Reply.ACK or rtype >> 31) else opt
-    assert pending is None or not isinstance(event, NeedData), "option left unfinished"
-    if isinstance(event, EnterTransmission) and rest:
-        assert len(rest) in (10, 134), f"trailing bytes that are no reply: {rest!r}"
-    else:
-        assert rest == b"", f"unparseable server output {rest!r}"
-    if not flags_ok:
-        # Unknown client flags: "the server MUST drop the TCP connection".
-        assert isinstance(event, Close) and out == b"", (event, out)
-        return
-    expected = client_options(stream[:fed])
-    # Options are answered in order, one final reply each, until haggling ends.
-    sent = [o.number for o in expected]
-    answered = [opt for opt, _ in finals]
-    assert answered == sent[: len(answered)], (answered, sent)
-    if isinstance(event, NeedData):
-        assert len(answered) == len(sent), "a complete option went unanswered"
-        assert not any(o.oversized for o in expected)
-    if isinstance(event, EnterTransmission):
-        negotiated = event.negotiated
-        assert negotiated.flags & 1
-        if not negotiated.structured_replies:
-            assert negotiated.meta_contexts == {}
-            assert not negotiated.flags & (1 << 7)
-        ender = expected[len(answered) - 1] if finals[-1:] == [(Option.GO, Reply.ACK)] else None
-        if ender is None:
-            ender = expected[len(answered)]
-            assert ender.number == Option.EXPORT_NAME
-        assert hs.buffered == stream[ender.end : fed], "bytes after the final option mangled"
-    if isinstance(event, Close) and event.clean:
-        assert finals[-1] == (Option.ABORT, Reply.ACK)
-
-
-@fuzz
-@given(stream=st.binary(max_size=200), cut=cuts, tls=st.booleans())
-def test_handshake_survives_arbitrary_bytes(stream: bytes, cut: list[int], tls: bool) -> None:
-    check_handshake(stream, chunked(stream, cut), tls=tls, refuse=False)
-
-
-@fuzz
-@given(stream=handshake_stream(), cut=cuts, tls=st.booleans(), refuse=st.booleans())
-def test_handshake_survives_mutated_options(
-    stream: bytes, cut: list[int], tls: bool, refuse: bool
-) -> None:
-    check_handshake(stream, chunked(stream, cut), tls=tls, refuse=refuse)
-
-
-@fuzz
-@given(stream=handshake_stream(), refuse=st.booleans())
-def test_handshake_after_tls_established_stays_consistent(stream: bytes, refuse: bool) -> None:
-    check_handshake(stream, [], tls=True, refuse=refuse, over_tls=True)
-
 
 # ------------------------------------------------------ transmission model
 
