@@ -224,3 +224,29 @@ def test_oversized_read_with_simple_replies_is_not_eoverflow(server):
             expected="any error but EOVERFLOW (75)",
             actual="EOVERFLOW (75)",
         )
+
+
+@pytest.mark.writes
+@spec(
+    REQUESTS,
+    MUST,
+    quote="The server MUST reply with either a simple reply or a structured reply, according to "
+    "whether the structured replies have been negotiated using `NBD_OPT_STRUCTURED_REPLY`.",
+)
+def test_read_after_a_large_refused_write_is_answered(server):
+    """A 4 MiB write starting past the end is refused; its payload, which arrives in many
+    pieces after the header, is read and dropped, and the READ sent next is answered with its
+    data.  A server that stops reading requests once it has skipped the payload never replies
+    (a server MAY instead disconnect a client that broke a MUST: unsupported here)."""
+    h = server.connect(strict=0)
+    size = h.get_size()
+    h.pwrite(pattern(0, 4096, tag=15), 0)
+    try:
+        h.pwrite(b"\x5a" * (4 << 20), size + 4096)
+    except nbd.Error:
+        pass
+    else:
+        raise AssertionError("4 MiB write past the end: expected an error, actual success")
+    if not h.aio_is_ready():
+        unsupported("the server disconnected after the error (which it MAY)")
+    expect_data(h.pread(4096, 0), pattern(0, 4096, tag=15), "READ after a refused 4 MiB write")
