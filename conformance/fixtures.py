@@ -91,10 +91,13 @@ def start_server(
         try:
             if config.minimum_block_size != 1 and not nbd_profile.sets_minimum_block_size:
                 raise ProfileCannotDo("no way to set a minimum block size")
+            if config.tls_only_export is not None and not nbd_profile.serves_tls_only_exports:
+                raise ProfileCannotDo("no way to serve a TLS-only export beside a plain one")
             nbd_profile.check_config(config)
         except ProfileCannotDo as err:
             pytest.skip(f"{nbd_profile.name} cannot be configured with {config.describe()}: {err}")
-        tls_dir = tls_credentials() if config.tls and nbd_profile.starts_servers else None
+        uses_tls = config.uses_tls_credentials and nbd_profile.starts_servers
+        tls_dir = tls_credentials() if uses_tls else None
         workdir = short_tmpdir("nbd-") if nbd_profile.starts_servers else None
         try:
             server = nbd_profile.start(config, workdir or Path("."), tls_dir)

@@ -212,6 +212,7 @@ class ConformancePlugin:
         node.workerinput["nbd_gone_state"] = str(self.gone.path)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self.profile.close()
         if not self.is_worker:
             shutil.rmtree(self.gone.path.parent, ignore_errors=True)
 

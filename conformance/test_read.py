@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import struct
+import time
+
 import nbd
 import pytest
 
 from conformance.data import pattern
 from conformance.handle import wait_all
-from conformance.servers import ServerConfig
+from conformance.servers.base import ServerConfig
 from conformance.spec import MUST, expect, expect_data, expect_equal, spec, unsupported
+from conformance.wire import Cmd, Disconnected, Errno, ReplyFlag, ReplyType
+from conformance.wire import session as s
+from conformance.wire.constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 
 REQUESTS = "Values / Transmission phase / Request types"
 TRANSMISSION = "Protocol phases / Transmission"
@@ -196,3 +202,89 @@ def test_many_reads_in_flight_get_their_own_data(server):
             pattern(i * block, block, tag=11),
             f"read in flight at offset {i * block}",
         )
+
+
+# ------------------------------------------------------------- a read above 4 GiB
+
+#: The largest 32-bit read length: more than 2^32 - 8 bytes, so that one
+#: NBD_REPLY_TYPE_OFFSET_DATA chunk (8 bytes of offset plus the data) cannot hold it.
+HUGE_READ = 0xFFFFFFFF
+HUGE_EXPORT = HUGE_READ + (1 << 20)
+# A server streaming 4 GiB through a raw socket, discarded as it comes, takes
+# seconds; this bounds a server that trickles.
+HUGE_READ_DEADLINE = 120.0
+
+
+@spec(
+    REQUESTS,
+    MUST,
+    quote="a request for more than 2^32 - 8 bytes containing data rather than holes MUST be "
+    "split to avoid overflowing the 32-bit `NBD_REPLY_TYPE_OFFSET_DATA` length field",
+)
+def test_read_above_4_gib_is_split_into_chunks_or_refused(start_server):
+    """A READ of 2^32 - 1 bytes with structured replies (32-bit headers) on a sparse export
+    of 4 GiB + 1 MiB: the server refuses it up front (permitted: the check is then
+    unsupported) or answers with chunks whose framing holds and which tile the request.
+    The payload is read into a 1 MiB buffer and discarded, so the suite's memory stays
+    bounded; a server whose chunk length wrapped around 2^32 loses the framing."""
+    server = start_server(ServerConfig(size=HUGE_EXPORT, read_only=True))
+    client = s.negotiated(server)
+    try:
+        if not client.structured_reply().ok:
+            unsupported("structured replies are not negotiated: no chunk length to overflow")
+        go = client.go(s.export_name(server))
+        expect_equal(go.type.name, "ACK", "NBD_OPT_GO")
+        size = go.export.size if go.export else 0
+        expect(size >= HUGE_READ, "export size", f">= {HUGE_READ}", size)
+        cookie = client.send_request(Cmd.READ, 0, HUGE_READ)
+        pieces, refusal = _stream_huge_read(client, cookie)
+    finally:
+        client.close()
+    if refusal is not None:
+        unsupported(f"the server refuses a read of {HUGE_READ} bytes: {refusal}")
+    end = 0
+    for offset, size in sorted(pieces):
+        expect(offset >= end, "chunks of the 4 GiB read do not overlap", True, (offset, end))
+        end = offset + size
+    expect(end <= HUGE_READ, "chunks inside the request", f"<= {HUGE_READ}", end)
+    covered = sum(size for _, size in pieces)
+    expect_equal(covered, HUGE_READ, "bytes described by the chunks of the 4 GiB read")
+
+
+def _stream_huge_read(client, cookie: int) -> tuple[list[tuple[int, int]], str | None]:
+    """((offset, size) of each data or hole chunk, None), or ([], why the read was refused)."""
+    sock, sink = client.sock, memoryview(bytearray(1 << 20))
+    deadline = time.monotonic() + HUGE_READ_DEADLINE
+    pieces: list[tuple[int, int]] = []
+    while True:
+        (magic,) = struct.unpack(">I", client.recv_exactly(4, "reply magic"))
+        if magic == SIMPLE_REPLY_MAGIC:
+            error, got = struct.unpack(">IQ", client.recv_exactly(12, "simple reply"))
+            expect(error != 0, "a simple reply to a structured read", "an error", "success")
+            return [], f"simple reply {Errno(error).name}"
+        expect_equal(hex(magic), hex(STRUCTURED_REPLY_MAGIC), "reply magic (framing lost?)")
+        flags, kind, got, length = struct.unpack(">HHQI", client.recv_exactly(16, "chunk"))
+        expect_equal(got, cookie, "chunk cookie (framing lost?)")
+        if kind == ReplyType.OFFSET_DATA:
+            expect(length >= 9, "OFFSET_DATA length", ">= 9", length)
+            (offset,) = struct.unpack(">Q", client.recv_exactly(8, "chunk offset"))
+            left = length - 8
+            while left:
+                if time.monotonic() > deadline:
+                    unsupported(f"the server took over {HUGE_READ_DEADLINE:.0f}s to send 4 GiB")
+                n = sock.recv_into(sink, min(left, len(sink)))
+                if not n:
+                    raise Disconnected("the server closed the connection inside a data chunk")
+                left -= n
+            pieces.append((offset, length - 8))
+        elif kind == ReplyType.OFFSET_HOLE:
+            expect_equal(length, 12, "OFFSET_HOLE length")
+            pieces.append(struct.unpack(">QI", client.recv_exactly(12, "hole chunk")))
+        else:
+            payload = client.recv_exactly(length, "chunk payload")
+            if kind & 0x8000:
+                (error,) = struct.unpack_from(">I", payload)
+                return [], f"{ReplyType(kind).name} {Errno(error).name}"
+            expect(kind == ReplyType.NONE, "chunk type of a read", "data, hole or none", kind)
+        if flags & ReplyFlag.DONE:
+            return pieces, None

@@ -2,6 +2,7 @@
 
     nbd-reference-server [OPTIONS] FILENAME
     nbd-reference-server [OPTIONS] --memory SIZE
+    nbd-reference-server [OPTIONS] ... --export name=NAME,memory=SIZE|file=PATH[,...]
 
 Also runnable from a checkout as ``python3 -m reference_server``.
 """
@@ -17,7 +18,6 @@ import re
 import signal
 import socket
 import ssl
-import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,26 +25,29 @@ from pathlib import Path
 from . import __version__
 from .backends import FileBackend, MemoryBackend
 from .backends.base import Backend
+from .export_spec import (
+    TLS_CHOICES,
+    ExportSpec,
+    check_tls,
+    export_info,
+    export_spec_parser,
+    tls_option,
+)
 from .protocol.constants import DEFAULT_MAX_PAYLOAD, MAX_MINIMUM_BLOCK_SIZE, MAX_STRING_LENGTH
-from .protocol.export import BlockSizes, ExportInfo
+from .protocol.export import BlockSizes
 from .runtime import EVENT_LOOPS, UnavailableLoop, loop_factory, tune_allocator
 from .server import Export, NBDServer, ServerLimits
+from .sockets import NBD_PORT, StartupError, listening_sockets
 from .trace import TraceLog
 
 PROG = "nbd-reference-server"
-NBD_PORT = 10809
-# Connections the kernel queues while the server is not accepting (at
-# --max-handshaking): as many as it allows (net.core.somaxconn caps it).
-LISTEN_BACKLOG = socket.SOMAXCONN
+# Signals that ask the server to shut down cleanly.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _SUFFIXES = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 
 
 class UsageError(Exception):
     """A bad option or argument: reported in one line, exit status 2."""
-
-
-class StartupError(Exception):
-    """The server cannot start (missing file, busy socket...): exit status 1."""
 
 
 def parse_size(text: str) -> int:
@@ -121,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="export description, shown by NBD_OPT_LIST and NBD_INFO_DESCRIPTION",
     )
+    p.add_argument(
+        "--export",
+        dest="exports",
+        metavar="name=NAME,memory=SIZE|file=PATH[,...]",
+        action="append",
+        default=[],
+        type=export_spec_parser(parse_size),
+        help="serve one more export; also description=TEXT, read-only=on, tls-only=on",
+    )
     p.add_argument("-k", "--socket", metavar="PATH", help="listen on a Unix socket")
     p.add_argument(
         "-p", "--port", type=_port, default=None, help=f"listen on a TCP port (default {NBD_PORT})"
@@ -143,6 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-creds",
         metavar="DIR",
         help="require TLS with ca-cert.pem, server-cert.pem, server-key.pem from DIR",
+    )
+    p.add_argument(
+        "--tls",
+        choices=TLS_CHOICES,
+        default=None,
+        help="off: no TLS; require: TLS before any option (FORCEDTLS, the default with "
+        "--tls-creds); on: TLS at the client's choice, required by TLS-only exports "
+        "(SELECTIVETLS)",
+    )
+    p.add_argument(
+        "--tls-only",
+        action="store_true",
+        help="with --tls=on: serve the export of FILENAME or --memory only over TLS",
     )
     p.add_argument(
         "--tls-verify-peer",
@@ -227,10 +252,16 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("give exactly one of FILENAME or --memory SIZE")
     if args.socket and (args.port is not None or args.bind is not None):
         raise UsageError("-k/--socket cannot be combined with -p/--port or -b/--bind")
-    if len(args.export_name.encode()) > MAX_STRING_LENGTH:
-        raise UsageError(f"export name is longer than {MAX_STRING_LENGTH} bytes")
-    if len(args.description.encode()) > MAX_STRING_LENGTH:
-        raise UsageError(f"description is longer than {MAX_STRING_LENGTH} bytes")
+    for spec in export_specs(args):
+        if len(spec.name.encode()) > MAX_STRING_LENGTH:
+            raise UsageError(f"export name is longer than {MAX_STRING_LENGTH} bytes")
+        if len(spec.description.encode()) > MAX_STRING_LENGTH:
+            raise UsageError(f"description is longer than {MAX_STRING_LENGTH} bytes")
+    problem = check_tls(
+        tls_option(args.tls, bool(args.tls_creds)), bool(args.tls_creds), export_specs(args)
+    )
+    if problem is not None:
+        raise UsageError(problem)
     minimum = args.minimum_block_size
     if minimum < 1 or minimum & (minimum - 1) or minimum > MAX_MINIMUM_BLOCK_SIZE:
         raise UsageError("--minimum-block-size must be a power of 2 up to 64K")
@@ -244,13 +275,27 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(str(exc)) from None
 
 
-def open_backend(args: argparse.Namespace) -> Backend:
-    if args.memory is not None:
-        return MemoryBackend(args.memory)
+def export_specs(args: argparse.Namespace) -> list[ExportSpec]:
+    """The export of FILENAME or --memory (with -x, -D, -r, --tls-only), then each --export."""
+    first = ExportSpec(
+        name=args.export_name,
+        memory=args.memory,
+        file=args.filename,
+        description=args.description,
+        read_only=args.read_only,
+        tls_only=args.tls_only,
+    )
+    return [first, *args.exports]
+
+
+def open_backend(spec: ExportSpec) -> Backend:
+    if spec.memory is not None:
+        return MemoryBackend(spec.memory)
+    assert spec.file is not None
     try:
-        return FileBackend(args.filename, read_only=args.read_only)
+        return FileBackend(spec.file, read_only=spec.read_only)
     except OSError as exc:
-        raise StartupError(f"cannot open {args.filename!r}: {exc.strerror or exc}") from None
+        raise StartupError(f"cannot open {spec.file!r}: {exc.strerror or exc}") from None
 
 
 def tls_context(directory: str, verify_peer: bool) -> ssl.SSLContext:
@@ -275,67 +320,6 @@ def tls_context(directory: str, verify_peer: bool) -> ssl.SSLContext:
     return ctx
 
 
-def listening_sockets(args: argparse.Namespace) -> list[socket.socket]:
-    """Systemd socket activation, a Unix socket, or TCP sockets, all listening."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS"):
-        count = int(os.environ["LISTEN_FDS"])
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
-        return [socket.socket(fileno=3 + i) for i in range(count)]
-    if args.socket:
-        return [_unix_listener(args.socket)]
-    return _tcp_listeners(args.bind or "0.0.0.0", args.port or NBD_PORT)
-
-
-def _unix_listener(path: str) -> socket.socket:
-    """Bind under a temporary name, listen, then rename: the path appears ready."""
-    if len(os.fsencode(path)) > 107:
-        raise StartupError(f"socket path is too long for a Unix socket: {path}")
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket from an earlier run
-        else:
-            raise StartupError(f"{path} exists and is not a socket")
-    temporary = f"{path}.{os.getpid()}.tmp"
-    if len(os.fsencode(temporary)) > 107:
-        temporary = path
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(temporary)
-        sock.listen(LISTEN_BACKLOG)
-        if temporary != path:
-            os.rename(temporary, path)
-    except OSError as exc:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _tcp_listeners(host: str, port: int) -> list[socket.socket]:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise StartupError(f"cannot resolve {host!r}: {exc}") from None
-    sockets: list[socket.socket] = []
-    for family, kind, proto, _, address in infos:
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as exc:
-            sock.close()
-            for s in sockets:
-                s.close()
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        sockets.append(sock)
-    return sockets
-
-
 def _daemonize() -> int:
     """Fork; the parent waits until the child listens, then exits. Returns the pipe fd."""
     read_end, write_end = os.pipe()
@@ -354,26 +338,23 @@ def _daemonize() -> int:
     return write_end
 
 
+def _export(args: argparse.Namespace, spec: ExportSpec, backend: Backend) -> Export:
+    """SPEC served from BACKEND, with the server-wide options of ARGS."""
+    sizes = BlockSizes(
+        args.minimum_block_size, max(4096, args.minimum_block_size), args.max_payload
+    )
+    tls = tls_option(args.tls, bool(args.tls_creds))
+    return Export(export_info(spec, backend, shared=args.shared, sizes=sizes, tls=tls), backend)
+
+
 async def _serve(
     args: argparse.Namespace,
-    backend: Backend,
+    exports: list[Export],
     sockets: list[socket.socket],
     tls: ssl.SSLContext | None,
     trace: TraceLog | None,
     ready_fd: int | None,
 ) -> None:
-    info = ExportInfo(
-        name=args.export_name,
-        size=backend.size,
-        description=args.description,
-        read_only=args.read_only,
-        # qemu-nbd (since 7.1): multi-conn whenever more than one client may connect.
-        multi_conn=args.shared != 1,
-        can_fast_zero=backend.can_fast_zero,
-        block_sizes=BlockSizes(
-            args.minimum_block_size, max(4096, args.minimum_block_size), args.max_payload
-        ),
-    )
     limits = ServerLimits(
         handshake_timeout=args.handshake_timeout,
         handshake_progress_timeout=args.handshake_progress_timeout,
@@ -382,7 +363,7 @@ async def _serve(
         max_inflight_bytes=args.max_inflight_bytes,
     )
     server = NBDServer(
-        [Export(info, backend)],
+        exports,
         shared=args.shared,
         persistent=args.persistent,
         tls=tls,
@@ -395,8 +376,11 @@ async def _serve(
     def on_signal(sig: signal.Signals) -> None:
         server.request_shutdown(f"received {sig.name}")
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, on_signal, sig)
+    # Held back since before the sockets listened (see main): one that came
+    # meanwhile is delivered now, to the handler, as a clean shutdown.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     if args.pid_file:
         Path(args.pid_file).write_text(f"{os.getpid()}\n")
     if ready_fd is not None:
@@ -406,20 +390,22 @@ async def _serve(
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 2)
             os.close(devnull)
-    logging.getLogger("reference_server").info("serving %s", _describe(args, backend))
+    logging.getLogger("reference_server").info("serving %s", _describe(args, exports))
     try:
         await server.done.wait()
     finally:
         # A signal during loop teardown would otherwise hit a closed wakeup fd.
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
             signal.signal(sig, signal.SIG_IGN)
 
 
-def _describe(args: argparse.Namespace, backend: Backend) -> str:
-    what = f"memory of {backend.size} bytes" if args.memory is not None else repr(args.filename)
+def _describe(args: argparse.Namespace, exports: list[Export]) -> str:
+    size = exports[0].backend.size
+    what = f"memory of {size} bytes" if args.memory is not None else repr(args.filename)
     where = args.socket or f"{args.bind or '0.0.0.0'}:{args.port or NBD_PORT}"
-    return f"{what} as export {args.export_name!r} on {where}"
+    more = f" and {len(exports) - 1} more export(s)" if len(exports) > 1 else ""
+    return f"{what} as export {args.export_name!r}{more} on {where}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -436,7 +422,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     trace_stream = None
     try:
         tls = tls_context(args.tls_creds, args.tls_verify_peer) if args.tls_creds else None
-        backend = open_backend(args)
+        exports = [_export(args, spec, open_backend(spec)) for spec in export_specs(args)]
+        # A client (or a test harness) may send SIGTERM as soon as the socket
+        # listens: hold it until the handler that shuts down cleanly is in.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         sockets = listening_sockets(args)
         if args.trace:
             trace_stream = sys.stderr if args.trace == "-" else open(args.trace, "w")  # noqa: SIM115
@@ -444,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         trace = TraceLog(trace_stream) if trace_stream else None
         tune_allocator()
         with asyncio.Runner(loop_factory=args.loop_factory) as runner:
-            runner.run(_serve(args, backend, sockets, tls, trace, ready_fd))
+            runner.run(_serve(args, exports, sockets, tls, trace, ready_fd))
     except StartupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
@@ -454,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         if args.socket and sockets:
             with contextlib.suppress(OSError):
                 os.unlink(args.socket)

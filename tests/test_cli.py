@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from reference_server import __version__, cli
+from reference_server import __version__, cli, sockets
 
 
 @pytest.mark.parametrize(
@@ -91,6 +91,23 @@ BAD_USAGE = [
     pytest.param(["--max-payload", "1K", "--memory", "1M"], "max-payload", id="max-payload"),
     pytest.param(["--tls-verify-peer", "--memory", "1M"], "tls-creds", id="verify-no-creds"),
     pytest.param(["--event-loop", "tornado", "--memory", "1M"], "event-loop", id="bad-loop"),
+    pytest.param(["--tls=on", "--memory", "1M"], "needs --tls-creds", id="tls-on-no-creds"),
+    pytest.param(
+        ["--tls=off", "--tls-creds=/x", "--memory", "1M"], "contradicts", id="tls-off-creds"
+    ),
+    pytest.param(["--tls-only", "--memory", "1M"], "needs --tls=on", id="tls-only-no-tls"),
+    pytest.param(["--export", "name=a", "--memory", "1M"], "memory= or file=", id="export-store"),
+    pytest.param(["--export", "memory=1M", "--memory", "1M"], "name=NAME", id="export-no-name"),
+    pytest.param(
+        ["--export", "name=a,memory=1M,colour=red", "--memory", "1M"], "colour", id="export-key"
+    ),
+    pytest.param(
+        ["--export", "name=a,memory=1M,tls-only=maybe", "--memory", "1M"], "on or off", id="bool"
+    ),
+    pytest.param(["--export", "name=,memory=1M", "--memory", "1M"], "two exports", id="dup"),
+    pytest.param(
+        ["--export", "name=a,memory=1M,tls-only=on", "--memory", "1M"], "--tls=on", id="no-tls"
+    ),
 ]
 
 
@@ -185,7 +202,7 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_unix_listener_appears_ready_and_replaces_a_stale_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "nbd.sock")
-    first = cli._unix_listener(path)
+    first = sockets.unix_listener(path)
     try:
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         assert os.listdir(tmp_path) == ["nbd.sock"], "temporary name left behind"
@@ -193,10 +210,10 @@ def test_unix_listener_appears_ready_and_replaces_a_stale_socket(tmp_path: Path)
             client.connect(path)  # already listening when the path appears
     finally:
         first.close()
-    second = cli._unix_listener(path)
+    second = sockets.unix_listener(path)
     second.close()
 
 
 def test_unix_listener_path_too_long_is_a_startup_error(tmp_path: Path) -> None:
-    with pytest.raises(cli.StartupError):
-        cli._unix_listener(str(tmp_path / ("x" * 120)))
+    with pytest.raises(sockets.StartupError):
+        sockets.unix_listener(str(tmp_path / ("x" * 120)))

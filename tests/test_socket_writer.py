@@ -91,12 +91,17 @@ def test_parts_arrive_whole_and_in_order_with_partial_sends(pair: Any, tmp_path:
         budget.used = 300
         queue = ReplyQueue(budget)
         woken: list[int] = []
-        writer = SocketWriter(a.fileno(), lambda: woken.append(1) or queue.flush(transport))
+
+        def writable() -> None:
+            woken.append(1)
+            queue.flush(transport)
+
+        writer = SocketWriter(a.fileno(), writable)
         queue.writer = writer
         # A small send buffer (after the writer asked for a large one): large
         # replies go out in many partial sends.
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
-        transport = IdleTransport()
+        transport: Any = IdleTransport()
         big = bytearray(pattern(1 << 20, 1))
         parts: list[Any] = [b"head", memoryview(big), pattern(100, 2)]
         queue.add(parts, cost=100)
@@ -129,7 +134,7 @@ def test_a_transport_with_bytes_of_its_own_keeps_the_order(pair: Any) -> None:
     async def main() -> None:
         queue = ReplyQueue(ByteBudget(1 << 20))
         queue.writer = SocketWriter(a.fileno(), lambda: None)
-        transport = IdleTransport(buffered=10)  # the handshake's last reply, still queued
+        transport: Any = IdleTransport(buffered=10)  # the handshake's last reply, still queued
         queue.add([b"reply"])
         queue.flush(transport)
         assert transport.written == b"reply", "must go behind the transport's bytes"
@@ -147,7 +152,7 @@ def test_a_peer_that_hung_up_aborts_the_connection(pair: Any) -> None:
         budget.used = 50
         queue = ReplyQueue(budget)
         queue.writer = SocketWriter(a.fileno(), lambda: None)
-        transport = IdleTransport()
+        transport: Any = IdleTransport()
         queue.add([b"reply" * 1000], cost=50)
         queue.flush(transport)
         assert transport.aborted
@@ -166,7 +171,7 @@ def test_a_file_that_shrank_under_a_reply_aborts_the_connection(pair: Any, tmp_p
     async def main() -> None:
         queue = ReplyQueue(ByteBudget(1 << 20))
         queue.writer = SocketWriter(a.fileno(), lambda: None)
-        transport = IdleTransport()
+        transport: Any = IdleTransport()
         queue.add([b"head", FileRegion(fd, 0, 4096)])
         queue.flush(transport)
         assert transport.aborted, "the header promised 4096 bytes the file no longer has"

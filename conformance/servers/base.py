@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import socket
-import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,13 @@ from typing import Any
 from conformance.guard import READ_ONLY, UNRESTRICTED, WritePermission
 from conformance.handle import close_handle, open_handle
 from conformance.servers.peers import ServeOptions
-from conformance.servers.process import ServerProcess, describe_exit
+from conformance.servers.process import (
+    ChildProcess,
+    ServerProcess,
+    Spawn,
+    StartedServer,
+    describe_exit,
+)
 from conformance.target import Target, unix_target
 
 MiB = 1024 * 1024
@@ -44,6 +49,15 @@ class ServerConfig:
     # A minimum block size to advertise and enforce ("Size constraints"); 1 is
     # the default constraint, which every server can do.
     minimum_block_size: int = 1
+    # SELECTIVETLS ("TLS support / Server-side requirements"): besides
+    # ``export_name``, served with or without TLS at the client's choice, an
+    # export of this name served only over TLS.  None: no such export.
+    tls_only_export: str | None = None
+
+    @property
+    def uses_tls_credentials(self) -> bool:
+        """Whether the server needs TLS credentials (FORCEDTLS or SELECTIVETLS)."""
+        return self.tls or self.tls_only_export is not None
 
     def describe(self) -> str:
         """Only the fields that differ from the default, for skip reasons."""
@@ -206,7 +220,8 @@ class LocalServer(Server):
     """A server process the suite started (:mod:`conformance.servers.process`); stopped by PID.
 
     With ``pid_file`` the process daemonises (nbd-server): it is followed, and
-    stopped, through the PID file it writes.
+    stopped, through the PID file it writes.  With ``spawn`` it is started by
+    a fork server that holds ENV already (the reference profile's).
     """
 
     def __init__(
@@ -218,6 +233,7 @@ class LocalServer(Server):
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         pid_file: Path | None = None,
+        spawn: Spawn | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -225,10 +241,16 @@ class LocalServer(Server):
         self._exit_expected = False
         self.workdir = workdir
         self.pid_file = pid_file
-        # Its own session: a check's signals to the suite never reach it.
-        self.server_process = ServerProcess(
-            argv, log_path=log_path, env=env, cwd=cwd, new_session=True
-        )
+        # Its own session: a check's signals to the suite never reach it (a
+        # fork server starts every child in its own session).
+        self.server_process: StartedServer
+        if spawn is not None:
+            process = spawn(argv, log_path=log_path, cwd=cwd)
+            self.server_process = StartedServer(argv, process, log_path=log_path)
+        else:
+            self.server_process = ServerProcess(
+                argv, log_path=log_path, env=env, cwd=cwd, new_session=True
+            )
 
     @property
     def argv(self) -> list[str]:
@@ -239,7 +261,7 @@ class LocalServer(Server):
         return self.server_process.log_path
 
     @property
-    def process(self) -> subprocess.Popen[bytes]:
+    def process(self) -> ChildProcess:
         """The process the suite started (for a daemon: its launcher)."""
         return self.server_process.process
 
@@ -298,6 +320,8 @@ class Profile:
     starts_servers = True
     #: Whether the server can be told to advertise a minimum block size above 1.
     sets_minimum_block_size = False
+    #: Whether the server can serve a TLS-only export beside a plain one (SELECTIVETLS).
+    serves_tls_only_exports = False
 
     def check_config(self, config: ServerConfig) -> None:
         """Raise ProfileCannotDo if the server cannot be put in CONFIG."""
@@ -308,6 +332,9 @@ class Profile:
         The plugin probes it after every check (:mod:`conformance.liveness`).
         """
         return None
+
+    def close(self) -> None:
+        """At the end of the run: release what the profile kept between checks."""
 
     def export_name(self, config: ServerConfig) -> str:
         return config.export_name
@@ -334,8 +361,9 @@ class Profile:
             persistent=True,
             export_name=config.export_name,
             description=config.description,
-            tls_dir=tls_dir if config.tls else None,
+            tls_dir=tls_dir if config.uses_tls_credentials else None,
             minimum_block_size=config.minimum_block_size,
+            tls_only_export=config.tls_only_export,
             **peer,
         )
 
@@ -362,7 +390,10 @@ class Profile:
             env=self.env(),
             cwd=self.cwd(),
             target=unix_target(
-                export, socket_path, config.tls, tls_dir=tls_dir if config.tls else None
+                export,
+                socket_path,
+                config.tls,
+                tls_dir=tls_dir if config.uses_tls_credentials else None,
             ),
             config=config,
             profile=self.name,

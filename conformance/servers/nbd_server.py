@@ -27,6 +27,8 @@ class NbdServer(Profile):
     """nbd-server 3.24 from a config file: ``nbd-server -C CONF -p PIDFILE``."""
 
     name = "nbd-server"
+    # A per-export ``force_tls`` (nbd-server(5)) beside a plain export: SELECTIVETLS.
+    serves_tls_only_exports = True
     deviations = (
         Deviation(
             "test_single_connection_does_not_advertise_multi_conn",
@@ -98,6 +100,12 @@ class NbdServer(Profile):
             "completes a TLS 1.1 handshake",
         ),
         Deviation(
+            "test_client_without_fixed_newstyle_never_gets_tls_reqd",
+            "TLS support / Server-side requirements",
+            "nbd-server 3.24 with force_tls answers NBD_REP_ERR_TLS_REQD to a client that did "
+            "not reply NBD_FLAG_C_FIXED_NEWSTYLE, which it MUST serve in NOTLS mode",
+        ),
+        Deviation(
             "test_starttls_with_data_gets_ack_then_tls_or_a_permitted_error",
             "Values / Handshake phase / Option types",
             "nbd-server 3.24 sends no reply at all to an NBD_OPT_STARTTLS that carries data",
@@ -114,18 +122,35 @@ class NbdServer(Profile):
     def config_text(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> str:
-        image = workdir / "disk.img"
-        with open(image, "wb") as f:
-            f.truncate(config.size)
         generic = [f"unixsock = {socket_path}", "allowlist = true"]
-        if config.tls:
+        if config.uses_tls_credentials:
             assert tls_dir is not None
             generic += [
                 f"certfile = {tls_dir}/server-cert.pem",
                 f"keyfile = {tls_dir}/server-key.pem",
                 f"cacertfile = {tls_dir}/ca-cert.pem",
-                "force_tls = true",
             ]
+        if config.tls:
+            generic.append("force_tls = true")  # FORCEDTLS
+        sections = {self.export_name(config): self._export(config, workdir / "disk.img")}
+        if config.tls_only_export is not None:
+            # SELECTIVETLS: this export alone has force_tls.
+            tls_only = self._export(config, workdir / "tls-only.img")
+            sections[config.tls_only_export] = [*tls_only, "force_tls = true"]
+        return (
+            "[generic]\n"
+            + "".join(f"\t{line}\n" for line in generic)
+            + "".join(
+                f"[{name}]\n" + "".join(f"\t{line}\n" for line in lines)
+                for name, lines in sections.items()
+            )
+        )
+
+    @staticmethod
+    def _export(config: ServerConfig, image: Path) -> list[str]:
+        """The lines of one export's section, served from IMAGE (made here, sparse)."""
+        with open(image, "wb") as f:
+            f.truncate(config.size)
         export = [
             f"exportname = {image}",
             f"filesize = {config.size}",
@@ -136,12 +161,7 @@ class NbdServer(Profile):
         ]
         if config.shared:
             export.append(f"maxconnections = {config.shared}")
-        return (
-            "[generic]\n"
-            + "".join(f"\t{line}\n" for line in generic)
-            + f"[{self.export_name(config)}]\n"
-            + "".join(f"\t{line}\n" for line in export)
-        )
+        return export
 
     def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None

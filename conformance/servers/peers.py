@@ -33,7 +33,9 @@ class ServeOptions:
     ``image`` is a raw file to serve, ``memory`` the size of a RAM disk (an
     int or a size such as ``"1M"``).  ``shared`` is the connection limit (0:
     unlimited).  ``export_name`` ``""`` is passed as the empty name; None
-    passes none.  ``trace`` (a wire log) is the reference server's;
+    passes none.  ``tls_only_export`` names a second export, served only over
+    TLS, beside ``export_name``, served with or without it (SELECTIVETLS;
+    needs ``tls_dir``).  ``trace`` (a wire log) is the reference server's;
     ``cache``, ``aio`` and ``discard`` are qemu-nbd's tuning.  ``extra``
     words go last but for the image: a test of a command line itself passes
     its options there.
@@ -49,6 +51,7 @@ class ServeOptions:
     description: str | None = None
     tls_dir: str | Path | None = None
     minimum_block_size: int = 1
+    tls_only_export: str | None = None
     fork: bool = False
     pid_file: str | Path | None = None
     trace: str | Path | None = None
@@ -81,6 +84,13 @@ def reference_argv(o: ServeOptions, python: str = sys.executable) -> list[str]:
         argv += ["--shared", str(o.shared)]
     if o.tls_dir is not None:
         argv += ["--tls-creds", str(o.tls_dir)]
+    if o.tls_only_export is not None:
+        if o.tls_dir is None:
+            raise PeerCannotDo("a TLS-only export needs TLS credentials")
+        # The second export is as large as the first, in memory.
+        size = o.memory if o.memory is not None else "64M"
+        name = o.tls_only_export.replace(",", ",,")
+        argv += ["--tls=on", "--export", f"name={name},memory={size},tls-only=on"]
     if o.read_only:
         argv.append("-r")
     if o.persistent:
@@ -102,7 +112,11 @@ def reference_argv(o: ServeOptions, python: str = sys.executable) -> list[str]:
 
 def qemu_nbd_argv(o: ServeOptions) -> list[str]:
     """``qemu-nbd -f raw -k SOCK [-x NAME] [-D DESC] [-e N] [--tls-creds ...] [-r] [-t] IMAGE``."""
-    _refuse("qemu-nbd", o, {"memory": None, "minimum_block_size": 1, "trace": None})
+    _refuse(
+        "qemu-nbd",
+        o,
+        {"memory": None, "minimum_block_size": 1, "trace": None, "tls_only_export": None},
+    )
     argv = ["qemu-nbd", "-f", "raw", "-k", str(o.socket)]
     if o.export_name is not None:
         argv += ["-x", o.export_name]
@@ -149,7 +163,7 @@ def nbdkit_argv(o: ServeOptions) -> list[str]:
         "nbdkit",
         o,
         {"fork": False, "pid_file": None, "trace": None, "cache": None, "aio": None,
-         "discard": None},
+         "discard": None, "tls_only_export": None},
     )  # fmt: skip
     if (o.memory is None) == (o.image is None):
         raise PeerCannotDo("nbdkit serves either memory or an image")

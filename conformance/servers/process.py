@@ -7,6 +7,11 @@ What a server is started with comes from :mod:`conformance.servers.peers`;
 this module knows only processes, so it imports nothing but the standard
 library and can be used by scripts that have no libnbd.
 
+A server is a :class:`ServerProcess` (fork and exec) or, for the reference
+server in the conformance suite, a fork server's child
+(:mod:`conformance.servers.forkserver`); both are a :class:`StartedServer`,
+watched and stopped the same way.
+
 Readiness is a *listening* socket, never a probe connection (a probe counts
 against connection limits and makes a server without ``--persistent`` exit)
 and never the mere existence of the path: qemu-nbd creates it at ``bind()``,
@@ -23,6 +28,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -32,6 +38,39 @@ STOP_TIMEOUT = 5.0
 
 class ServerStartError(RuntimeError):
     """The server exited before it listened, or did not listen in time."""
+
+
+class ChildProcess(Protocol):
+    """What the harness uses of a :class:`subprocess.Popen`: a process it can wait for.
+
+    A fork server's child (:mod:`conformance.servers.forkserver`) is one too.
+    """
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Spawn(Protocol):
+    """Another way to start ARGV than fork and exec (a fork server): output to LOG_PATH.
+
+    What it starts runs in its own session and dies with the harness, as a
+    :class:`ServerProcess` with ``new_session`` does.
+    """
+
+    def __call__(
+        self, argv: Sequence[str], *, log_path: Path, cwd: str | Path | None
+    ) -> ChildProcess: ...
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -136,7 +175,7 @@ def stop_pid(pid: int, timeout: float = STOP_TIMEOUT) -> signal.Signals | None:
     return signal.SIGKILL
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
+def stop_process(process: ChildProcess, timeout: float = STOP_TIMEOUT) -> None:
     """Stop a child we hold: SIGTERM, wait at most TIMEOUT, then SIGKILL and reap it."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -169,44 +208,21 @@ def with_pythonpath(root: str | Path, env: Mapping[str, str] | None = None) -> d
     return env
 
 
-class ServerProcess:
-    """One server process we started: its output goes to LOG_PATH; stopped by PID.
+class StartedServer:
+    """A server process the harness started, however: its output goes to LOG_PATH; stopped by PID.
 
-    ``child_setup`` runs in the child before exec, after :func:`die_with_parent`
-    (e.g. a resource limit).  A server that daemonises is followed through
-    its PID file (:meth:`follow_daemon`); from then on its PID is the daemon's.
+    A server that daemonises is followed through its PID file
+    (:meth:`follow_daemon`); from then on its PID is the daemon's.  PROCESS
+    is the child that was started: a :class:`subprocess.Popen` (see
+    :class:`ServerProcess`, which makes one) or a fork server's child
+    (:mod:`conformance.servers.forkserver`, made through a :class:`Spawn`).
     """
 
-    def __init__(
-        self,
-        argv: Sequence[str],
-        *,
-        log_path: Path,
-        env: Mapping[str, str] | None = None,
-        cwd: str | Path | None = None,
-        new_session: bool = False,
-        child_setup: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, argv: Sequence[str], process: ChildProcess, *, log_path: Path) -> None:
         self.argv = list(argv)
+        self.process = process
         self.log_path = log_path
         self.daemon_pid: int | None = None
-
-        def setup() -> None:
-            die_with_parent()
-            if child_setup is not None:
-                child_setup()
-
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=None if env is None else dict(env),
-                cwd=cwd,
-                start_new_session=new_session,
-                preexec_fn=setup,
-            )
 
     @property
     def name(self) -> str:
@@ -307,3 +323,41 @@ class ServerProcess:
         if self.daemon_pid is not None:
             stop_pid(self.daemon_pid, timeout)
         stop_process(self.process, timeout)
+
+
+class ServerProcess(StartedServer):
+    """A server process started by fork and exec, as :class:`subprocess.Popen` does.
+
+    ``child_setup`` runs in the child before exec, after :func:`die_with_parent`
+    (e.g. a resource limit).
+    """
+
+    process: subprocess.Popen[bytes]
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None,
+        new_session: bool = False,
+        child_setup: Callable[[], None] | None = None,
+    ) -> None:
+        def setup() -> None:
+            die_with_parent()
+            if child_setup is not None:
+                child_setup()
+
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                cwd=cwd,
+                start_new_session=new_session,
+                preexec_fn=setup,
+            )
+        super().__init__(argv, process, log_path=log_path)

@@ -40,6 +40,10 @@ class ExportInfo:
     can_cache: bool = True
     rotational: bool = False
     block_sizes: BlockSizes = field(default_factory=BlockSizes)
+    # On a server with TLS, whether the export is served only over TLS (the
+    # spec's "TLS-only export"); a server without TLS ignores it.  A server
+    # whose every export is TLS-only runs in FORCEDTLS mode (tls_policy.py).
+    tls_only: bool = True
 
     def transmission_flags(self, structured_replies: bool) -> TransmissionFlag:
         """Advertise exactly what is implemented ("Transmission flags").

@@ -2,7 +2,7 @@
 
 Spec: "Protocol phases / Handshake / Newstyle negotiation" and "Fixed newstyle
 negotiation", "Termination of the session during option haggling", "TLS
-support / Server-side requirements" (NOTLS and FORCEDTLS modes), "Values /
+support / Server-side requirements" (the three modes: tls_policy.py), "Values /
 Handshake phase" (flags, option types, option reply types), "Metadata
 querying", and the EXTENDED_HEADERS extension's NBD_OPT_EXTENDED_HEADERS.
 
@@ -30,6 +30,7 @@ from .constants import (
 from .events import Close, EnterTransmission, Event, NeedData, StartTLS
 from .export import ExportInfo, Negotiated
 from .phases import HANDSHAKE_TRANSITIONS, HandshakePhase, HandshakeTrigger, PhaseMachine
+from .tls_policy import TLSPolicy
 
 # The id this server gives base:allocation ("NBD_OPT_SET_META_CONTEXT": ids are
 # transient and opaque to the client; one context needs one id).
@@ -66,9 +67,9 @@ class Handshake:
         trace: Tracer | None = None,
     ) -> None:
         self._exports = exports
-        # FORCEDTLS whenever TLS is configured: "all exports are TLS-only".
-        self._tls_required = tls_available
-        self._tls_active = False
+        # NOTLS without credentials; FORCEDTLS or SELECTIVETLS with them, as
+        # the exports' tls_only flags say.
+        self._tls = TLSPolicy.for_server(tls_available, exports.values())
         self._limits = limits or HandshakeLimits()
         self._trace = trace
         self._in = bytearray()
@@ -122,7 +123,7 @@ class Handshake:
         issued before this command.
         """
         self._phases.fire(HandshakeTrigger.TLS_ESTABLISHED)
-        self._tls_active = True
+        self._tls.established()
         self._reset_negotiation()
         self._in.clear()
 
@@ -184,10 +185,11 @@ class Handshake:
             return self._close(f"client set unknown flags {raw & ~known:#x}")
         self._fixed_newstyle = bool(flags & ClientFlag.C_FIXED_NEWSTYLE)
         self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
-        if self._tls_required and not self._fixed_newstyle:
-            # "The server MUST operate in NOTLS mode unless ... the client
-            # replied with NBD_FLAG_C_FIXED_NEWSTYLE": TLS cannot happen.
-            return self._close("TLS is required but the client is not fixed newstyle")
+        # "The server MUST operate in NOTLS mode unless ... the client
+        # replied with NBD_FLAG_C_FIXED_NEWSTYLE": TLS cannot happen.
+        reason = self._tls.client_flags(self._fixed_newstyle)
+        if reason is not None:
+            return self._close(reason)
         self._phases.fire(HandshakeTrigger.CLIENT_FLAGS_ACCEPTED)
         return None
 
@@ -234,14 +236,11 @@ class Handshake:
             return self._close("client sent NBD_OPT_ABORT", HandshakeTrigger.ABORT_RECEIVED)
         if option == Option.EXPORT_NAME:
             return self._export_name(payload)
-        if self._refusal is not None:
-            reply, message = self._refusal
-            self._error(option, reply, message)
-            return None
-        if self._tls_required and not self._tls_active and option != Option.STARTTLS:
-            # FORCEDTLS: every other option, NBD_OPT_INFO and unknown ones
-            # included, MUST get NBD_REP_ERR_TLS_REQD.
-            self._error(option, Reply.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+        # A refused client gets its refusal; FORCEDTLS before TLS, every option
+        # (NBD_OPT_INFO and unknown ones included) NBD_REP_ERR_TLS_REQD.
+        refusal = self._refusal or self._tls.option_refusal(option)
+        if refusal is not None:
+            self._error(option, *refusal)
             return None
         handler = self._HANDLERS.get(option)
         if handler is None:
@@ -256,15 +255,15 @@ class Handshake:
         # export are not met ... the server MUST terminate the session."
         if self._refusal is not None:
             return self._close(f"refused: {self._refusal[1]}")
-        if self._tls_required and not self._tls_active:
-            return self._close("NBD_OPT_EXPORT_NAME before TLS")
         if self._extended:
             return self._close("NBD_OPT_EXPORT_NAME after extended headers were negotiated")
         if len(payload) > MAX_STRING_LENGTH:
             return self._close(f"export name of {len(payload)} bytes")
         export = self._lookup(payload)
-        if export is None:
-            return self._close(f"no export named {_shorten(payload)}")
+        if export is None or not self._tls.usable(export):
+            # Unknown, or TLS-only before TLS (FORCEDTLS and SELECTIVETLS): "as
+            # this request cannot error, it MUST terminate the session".
+            return self._close(f"export {_shorten(payload)} is unknown or needs TLS")
         if not export.block_sizes.is_default:
             # "Size constraints": a server with non-default constraints MAY
             # refuse NBD_OPT_EXPORT_NAME via a hard disconnect.
@@ -294,9 +293,13 @@ class Handshake:
             )
             return None
         export = self._lookup(request.name)
-        if export is None:
-            self._error(option, Reply.ERR_UNKNOWN, f"no export named {_shorten(request.name)}")
+        refusal = self._tls.export_refusal(_shorten(request.name), export)
+        if refusal is not None:
+            # No NBD_REP_INFO before NBD_REP_ERR_TLS_REQD: a TLS-only export
+            # looks like an unknown one.
+            self._error(option, *refusal)
             return None
+        assert export is not None  # export_refusal refuses unknown exports
         negotiated = self._negotiated(
             export, request.name, block_sizes_agreed=Info.BLOCK_SIZE in request.requests
         )
@@ -352,7 +355,7 @@ class Handshake:
         if payload:
             self._error(option, Reply.ERR_INVALID, "NBD_OPT_LIST takes no data")
             return None
-        for export in self._exports.values():
+        for export in filter(self._tls.usable, self._exports.values()):
             self._reply(
                 option,
                 Reply.SERVER,
@@ -367,13 +370,9 @@ class Handshake:
         if payload:
             self._error(option, Reply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
             return None
-        if self._tls_active:
-            self._error(option, Reply.ERR_INVALID, "TLS is already active")
-            return None
-        if not self._tls_required:
-            # NOTLS mode: "MUST respond with NBD_REP_ERR_POLICY (if it does not
-            # support TLS for policy reasons)".
-            self._error(option, Reply.ERR_POLICY, "TLS is not configured on this server")
+        refusal = self._tls.starttls_refusal()
+        if refusal is not None:
+            self._error(option, *refusal)
             return None
         self._reply(option, Reply.ACK)
         self._in.clear()  # nothing sent in clear after STARTTLS is acted on
@@ -430,7 +429,10 @@ class Handshake:
         ):
             self._error(option, Reply.ERR_INVALID, f"a string exceeds {MAX_STRING_LENGTH} bytes")
             return None
-        if self._lookup(request.name) is None:
+        export = self._lookup(request.name)
+        if export is None or not self._tls.usable(export):
+            # A TLS-only export before TLS is as unknown: NBD_REP_ERR_TLS_REQD
+            # is reserved to NBD_OPT_INFO, NBD_OPT_GO and NBD_OPT_EXPORT_NAME.
             self._error(option, Reply.ERR_UNKNOWN, f"no export named {_shorten(request.name)}")
             return None
         if any(b":" not in q for q in request.queries):

@@ -26,7 +26,7 @@ def main() -> int:
     if mode is None:
         return 2
     import_reference_server()
-    from reference_server import cli
+    from reference_server import export_spec
     from reference_server.protocol.constants import TransmissionFlag
     from reference_server.protocol.export import ExportInfo
 
@@ -39,7 +39,8 @@ def main() -> int:
                 flags |= TransmissionFlag.CAN_MULTI_CONN
             return flags
 
-    return serve_with(cli, "ExportInfo", MultiConnExportInfo, sys.argv[2:])
+    # The name export_spec.export_info builds every export with.
+    return serve_with(export_spec, "ExportInfo", MultiConnExportInfo, sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -28,17 +28,17 @@ def main() -> int:
         upgrading = False
 
         def _handle_option(self, option: Option, payload: bytes) -> Event | None:
-            if option == Option.STARTTLS and self._tls_required and not self._tls_active:
+            if option == Option.STARTTLS and self._tls.starttls_refusal() is None:
                 self._reply(option, Reply.ACK)
                 # The bug: keep the buffered bytes, and trust them as if over TLS.
-                self._tls_active = self.upgrading = True
+                self._tls.active = self.upgrading = True
                 return None
             return super()._handle_option(option, payload)
 
         def next_event(self) -> Event:
             event = super().next_event()
             if self.upgrading and isinstance(event, NeedData):
-                self.upgrading = self._tls_active = False
+                self.upgrading = self._tls.active = False
                 self._phases.fire(HandshakeTrigger.STARTTLS_ACKNOWLEDGED)
                 return StartTLS()
             return event
