@@ -36,7 +36,7 @@ def _needs(h, capability):
 
 
 @pytest.mark.writes
-@pytest.mark.parametrize("start", ["straddling", "past"])
+@pytest.mark.parametrize("start", ["straddling", "past", "one-block-over"])
 @pytest.mark.parametrize("command", BEYOND_END)
 @spec(
     ERRORS,
@@ -45,12 +45,22 @@ def _needs(h, capability):
     "including one or more sectors beyond the size of the device.",
 )
 def test_request_beyond_the_end_gets_the_named_error(server, command, start):
-    """Read/trim past the end: EINVAL; write/write-zeroes past the end: ENOSPC."""
+    """Read/trim past the end: EINVAL; write/write-zeroes past the end: ENOSPC.
+
+    "one-block-over" ends a single minimum block (one byte, where no minimum is
+    advertised) past the end: the smallest overrun, which a bounds check off by
+    one lets through.
+    """
     h = server.connect(strict=0)
     call, expected, needs = BEYOND_END[command]
     _needs(h, needs)
     size = h.get_size()
-    offset = size - 4096 if start == "straddling" else size + 4096
+    minimum = max(1, h.get_block_size(nbd.SIZE_MINIMUM))
+    offset = {
+        "straddling": size - 4096,
+        "past": size + 4096,
+        "one-block-over": size - 8192 + minimum,
+    }[start]
     expect_nbd_error(
         lambda: call(h, offset, 8192),
         expected,
@@ -188,3 +198,55 @@ def test_failed_simple_read_sends_no_payload(server):
     if not h.aio_is_ready():
         unsupported("the server disconnected after the error (which it MAY)")
     expect_data(h.pread(65536, 0), pattern(0, 65536, tag=4), "read after a refused read")
+
+
+@spec(
+    ERRORS,
+    SHOULD,
+    quote="The server SHOULD NOT return `NBD_EOVERFLOW` except as documented in response to "
+    "`NBD_CMD_READ` when `NBD_CMD_FLAG_DF` is supported, or when a command without payload "
+    "requests a length larger than an advertised maximum payload length.",
+)
+def test_oversized_read_with_simple_replies_is_not_eoverflow(server):
+    """A READ above the maximum payload with simple replies: DF cannot be in use (it needs
+    structured replies), so the refusal, if any, is not NBD_EOVERFLOW (EINVAL is usual)."""
+    h = server.connect(strict=0, structured_replies=False)
+    maximum = h.get_block_size(nbd.SIZE_MAXIMUM) or (32 << 20)
+    length = maximum + 4096
+    if length > h.get_size():
+        unsupported(f"the export is smaller than the maximum payload ({maximum}) + 4 KiB")
+    try:
+        h.pread(length, 0)
+    except nbd.Error as err:
+        expect(
+            err.errnum != errno.EOVERFLOW,
+            f"error for a {length}-byte READ with simple replies (maximum payload {maximum})",
+            expected="any error but EOVERFLOW (75)",
+            actual="EOVERFLOW (75)",
+        )
+
+
+@pytest.mark.writes
+@spec(
+    REQUESTS,
+    MUST,
+    quote="The server MUST reply with either a simple reply or a structured reply, according to "
+    "whether the structured replies have been negotiated using `NBD_OPT_STRUCTURED_REPLY`.",
+)
+def test_read_after_a_large_refused_write_is_answered(server):
+    """A 4 MiB write starting past the end is refused; its payload, which arrives in many
+    pieces after the header, is read and dropped, and the READ sent next is answered with its
+    data.  A server that stops reading requests once it has skipped the payload never replies
+    (a server MAY instead disconnect a client that broke a MUST: unsupported here)."""
+    h = server.connect(strict=0)
+    size = h.get_size()
+    h.pwrite(pattern(0, 4096, tag=15), 0)
+    try:
+        h.pwrite(b"\x5a" * (4 << 20), size + 4096)
+    except nbd.Error:
+        pass
+    else:
+        raise AssertionError("4 MiB write past the end: expected an error, actual success")
+    if not h.aio_is_ready():
+        unsupported("the server disconnected after the error (which it MAY)")
+    expect_data(h.pread(4096, 0), pattern(0, 4096, tag=15), "READ after a refused 4 MiB write")

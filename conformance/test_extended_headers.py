@@ -12,6 +12,7 @@ import struct
 
 import pytest
 
+from conformance.servers import ServerConfig
 from conformance.spec import MUST, SHOULD, expect, expect_data, expect_equal, spec, unsupported
 from conformance.wire import (
     BASE_ALLOCATION,
@@ -146,6 +147,30 @@ def test_extended_write_then_read(server):
         reply = client.read(BLOCK, len(DATA))
         expect_equal(reply.error, Errno.OK, "extended READ")
         expect_data(reply.data(BLOCK, len(DATA)), DATA, "data read back")
+
+
+@spec(
+    "Values / Transmission phase / Request types",
+    MUST,
+    quote="The server MUST write the data to disk, and then send the reply message.",
+)
+@pytest.mark.writes
+def test_extended_write_above_4_gib_lands_there(start_server):
+    """32-byte headers carry 64-bit offsets: a WRITE at 4 GiB + 4 KiB lands there, not at 4 KiB.
+
+    The two offsets are equal modulo 2^32, so a server that keeps the offset of an extended
+    request in 32 bits overwrites the data below 4 GiB (and reads it back from there).
+    """
+    server = start_server(ServerConfig(size=8 << 30))
+    low, high = DATA, bytes(reversed(DATA))
+    above = (4 << 30) + BLOCK
+    with extended(server) as (client, _, _):
+        expect_equal(client.write(BLOCK, low).error, Errno.OK, f"extended WRITE at {BLOCK}")
+        expect_equal(client.write(above, high).error, Errno.OK, f"extended WRITE at {above}")
+        for offset, data in ((BLOCK, low), (above, high)):
+            reply = client.read(offset, len(data))
+            expect_equal(reply.error, Errno.OK, f"extended READ at {offset}")
+            expect_data(reply.data(offset, len(data)), data, f"data read back at {offset}")
 
 
 @spec("Values / Handshake phase / Option types", MUST)

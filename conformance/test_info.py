@@ -7,10 +7,16 @@ test_handshake.py and test_options.py.
 
 from __future__ import annotations
 
+import struct
+
 import nbd
+import pytest
 
 from conformance.servers.base import ServerConfig
 from conformance.spec import MAY, MUST, SHOULD, expect, expect_equal, spec, unsupported
+from conformance.wire import Disconnected, Info, Opt
+from conformance.wire import messages as m
+from conformance.wire import session as s
 
 FLAGS = "Values / Handshake phase / Flag fields / Transmission flags"
 SIZES = "Size constraints"
@@ -235,3 +241,27 @@ def test_named_export_is_served(start_server):
     except nbd.Error:
         return  # NBD_INFO_NAME MAY be omitted when the client used the canonical name
     expect_equal(canonical, server.export_name, "NBD_INFO_NAME")
+
+
+@pytest.mark.disruptive  # malformed framing: a fragile server may crash or hang
+@spec(
+    "Values / Handshake phase / Option reply types",
+    SHOULD,
+    "The option sent by the client is known by this server, but was determined by the server to "
+    "be syntactically or semantically invalid.",
+)
+def test_info_with_more_requests_than_its_count_gets_err_invalid(server):
+    """NBD_OPT_INFO counting one information request but carrying two: the option's length
+    contradicts its count.  A server that checks only that the count fits reads the extra
+    request as if it were counted and answers ACK; ERR_INVALID (or a hard disconnect, which a
+    client breaking a MUST permits) is due."""
+    data = m.pack_name_and_infos(s.export_name(server), (Info.BLOCK_SIZE,))
+    data += struct.pack(">H", Info.NAME)
+    client = s.negotiated(server)
+    try:
+        outcome = client.option(Opt.INFO, data).type.name
+    except Disconnected:
+        return
+    finally:
+        client.close()
+    expect_equal(outcome, "ERR_INVALID", "NBD_OPT_INFO with one request more than its count")

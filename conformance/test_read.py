@@ -18,6 +18,11 @@ from conformance.wire.constants import SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGI
 
 REQUESTS = "Values / Transmission phase / Request types"
 TRANSMISSION = "Protocol phases / Transmission"
+COVER = (
+    "When no error is detected, the server MUST send enough data chunks to cover the "
+    "entire region described by the offset and length of the client's request."
+)
+GiB = 1 << 30
 
 # (offset, length) pairs: aligned, unaligned, crossing block boundaries, at the end.
 RANGES = {
@@ -83,12 +88,7 @@ class _Chunks:
 
 
 @pytest.mark.writes
-@spec(
-    "Values / Transmission phase / Request types",
-    MUST,
-    quote="When no error is detected, the server MUST send enough data chunks to cover the "
-    "entire region described by the offset and length of the client's request.",
-)
+@spec(REQUESTS, MUST, quote=COVER)
 def test_structured_read_chunks_cover_the_request_exactly_once(server):
     h = server.connect()
     if not h.get_structured_replies_negotiated():
@@ -123,6 +123,30 @@ def test_structured_read_chunks_cover_the_request_exactly_once(server):
     )
     expect_data(buf[:8192], pattern(0, 8192, tag=5), "data before the gap")
     expect_data(buf[1 << 20 :], pattern(1 << 20, 8192, tag=5), "data after the gap")
+
+
+@pytest.mark.writes
+@spec(REQUESTS, MUST, quote=COVER)
+def test_read_above_4_gib_covers_its_own_range(start_server):
+    """Offsets are 64 bits: a read above 4 GiB is answered with the chunks of its own range.
+
+    On an 8 GiB export, data at 64 KiB and at 4 GiB + 64 KiB (equal modulo 2^32), then a
+    read of 4 GiB + [0, 192 KiB): hole or zeroes, data, hole or zeroes.  A server that keeps
+    an offset in 32 bits sends chunks for the range below 4 GiB (libnbd refuses a chunk
+    outside the request) or the data found there.
+    """
+    server = start_server(ServerConfig(size=8 * GiB))
+    h = server.connect()
+    block, base = 65536, 4 * GiB
+    low, high = pattern(block, block, tag=12), pattern(base + block, block, tag=13)
+    h.pwrite(low, block)
+    h.pwrite(high, base + block)
+    expect_data(
+        h.pread(3 * block, base),
+        bytes(block) + high + bytes(block),
+        f"read of {3 * block} bytes at 4 GiB (data written at 4 GiB + {block})",
+    )
+    expect_data(h.pread(block, block), low, f"data at {block}, below 4 GiB")
 
 
 @pytest.mark.writes

@@ -368,3 +368,38 @@ def test_client_without_fixed_newstyle_never_gets_tls_reqd(start_server):
             except (Disconnected, TimeoutError):
                 continue
             _not_tls_reqd(result, f"{option.name} from a client that is not fixed newstyle")
+
+
+@spec(
+    "Values / Handshake phase / Option types",
+    MUST,
+    "When this command succeeds, the server MUST NOT preserve any negotiation state (such as a "
+    "request for `NBD_OPT_STRUCTURED_REPLY`, or metadata contexts from "
+    "`NBD_OPT_SET_META_CONTEXT`) issued before this command.",
+)
+def test_selective_state_negotiated_in_clear_does_not_survive_starttls(selective_server):
+    """SELECTIVETLS answers options in clear, so a client can negotiate structured replies
+    and base:allocation on the plain export before STARTTLS.  After the upgrade and a GO
+    that asks for neither, a READ gets a simple reply and BLOCK_STATUS is refused: nothing
+    of the plaintext negotiation is in force (a FORCEDTLS server never lets it start)."""
+    plain = s.export_name(selective_server)
+    with in_clear(selective_server) as client:
+        if client.structured_reply().type != Rep.ACK:
+            unsupported("the server does not offer structured replies")
+        client.set_meta_context(plain, (b"base:allocation",))
+        _upgrade(client, selective_server)
+        expect_equal(client.go(plain).type.name, "ACK", "NBD_OPT_GO on the plain export over TLS")
+        reply = client.read(0, 4096)
+        expect(
+            reply.is_simple,
+            "reply to READ after STARTTLS (structured replies asked for only in clear)",
+            "a simple reply",
+            [type(msg).__name__ for msg in reply.messages],
+        )
+        status = client.block_status(0, 4096)
+        expect(
+            status.error != Errno.OK,
+            "BLOCK_STATUS after STARTTLS (base:allocation selected only in clear)",
+            "an error (no metadata context is selected)",
+            status.error.name,
+        )

@@ -456,3 +456,32 @@ def test_block_status_without_context_gets_einval(server):
         reply = client.block_status(0, BLOCK)
         expect_equal(reply.error.name, "EINVAL", "BLOCK_STATUS without a metadata context")
     s.assert_still_serving(server, "NBD_CMD_BLOCK_STATUS without a metadata context")
+
+
+@spec(
+    "Metadata querying",
+    SHOULD,
+    "Servers SHOULD reply with `NBD_EINVAL` to clients sending `NBD_CMD_BLOCK_STATUS` without "
+    "selecting at least one metadata context.",
+)
+def test_block_status_after_a_failed_set_meta_context_gets_einval(server):
+    """SET_META_CONTEXT selects base:allocation, then a second SET_META_CONTEXT fails (it names
+    no export).  "Issuing this command replaces all previously-set metadata contexts (including
+    when this command fails)" (NBD_OPT_SET_META_CONTEXT): after GO no context is selected, and
+    BLOCK_STATUS is refused.  A server that keeps the first selection answers with a status."""
+    client = s.negotiated(server)
+    try:
+        if client.structured_reply().type == Rep.ERR_UNSUP:
+            unsupported("the server does not support NBD_OPT_STRUCTURED_REPLY")
+        name = s.export_name(server)
+        query = (BASE_ALLOCATION.encode(),)
+        if BASE_ALLOCATION not in client.set_meta_context(name, query).contexts:
+            unsupported("the server does not offer base:allocation")
+        failed = client.set_meta_context(b"conformance-no-such-export-7f3a", query)
+        if failed.ok:
+            unsupported("the server selects contexts for an export it does not have")
+        expect_equal(client.go(name).type.name, "ACK", "reply to NBD_OPT_GO")
+        reply = client.block_status(0, BLOCK)
+        expect_equal(reply.error.name, "EINVAL", "BLOCK_STATUS after a failed SET_META_CONTEXT")
+    finally:
+        client.close()

@@ -137,10 +137,11 @@ def _rejected_write_payload_arrives_later() -> None:
     tx = transmission()
     tx.receive_data(request(Command.WRITE, SIZE, 4))  # beyond the end: ENOSPC
     assert isinstance(tx.next_event(), NeedData)
-    assert tx.data_to_send(), "the rejected write was not answered"
+    assert not tx.data_to_send(), "the rejected write was answered before its payload was read"
     assert tx.phase is TransmissionPhase.DISCARDING_PAYLOAD
     tx.receive_data(b"abcd" + request(Command.FLUSH))
     assert tx.phase is TransmissionPhase.AWAITING_REQUEST
+    assert tx.data_to_send(), "the rejected write was not answered once its payload was read"
     event = tx.next_event()
     assert isinstance(event, RequestEvent) and event.header.command == Command.FLUSH
 

@@ -236,10 +236,12 @@ def test_rejected_write_payload_is_skipped_even_when_it_arrives_late() -> None:
     c = conn(ExportInfo("", SIZE, read_only=True))
     data = b"z" * 5000
     out = c.feed(c.request(Command.WRITE, 0, len(data)))
-    [reply] = c.parse(out)
-    assert reply.error == Errno.EPERM  # answered at once; the payload is then dropped
-    replies = c.parse(c.feed(data[:3000]) + c.feed(data[3000:] + c.request(Command.READ, 0, 8)))
-    assert [(r.error, r.payload) for r in replies] == [(0, bytes(8))]
+    # Answered only once its payload is read and dropped: a reply to a request the
+    # client is still sending matches none it has issued (libnbd gives up).
+    assert c.parse(out) == []
+    assert c.parse(c.feed(data[:3000])) == []
+    replies = c.parse(c.feed(data[3000:] + c.request(Command.READ, 0, 8)))
+    assert [(r.error, bytes(r.payload)) for r in replies] == [(Errno.EPERM, b""), (0, bytes(8))]
 
 
 # ------------------------------------------------------------ DISC, FLUSH

@@ -128,8 +128,10 @@ class Transmission:
         self._payload_length = 0
         self._payload: bytearray | None = None
         self._filled = 0
-        # DISCARDING_PAYLOAD: bytes of a rejected request's payload still to skip.
+        # DISCARDING_PAYLOAD: bytes of a rejected request's payload still to
+        # skip, and its error reply, sent once the last of them is read.
         self._discard = 0
+        self._discarded_reply: list[Buffer] = []
 
     # ------------------------------------------------------------ public API
 
@@ -149,6 +151,8 @@ class Transmission:
             view = view[n:]
             if not self._discard:
                 self._phases.fire(TransmissionTrigger.PAYLOAD_DISCARDED)
+                self._out += self._discarded_reply
+                self._discarded_reply = []
         elif view and phase is _RECEIVING_PAYLOAD:
             target = self._payload_target()
             n = min(len(target), len(view))
@@ -224,9 +228,15 @@ class Transmission:
                 return Close("client sent NBD_CMD_DISC", clean=True)
             rejected = self.validate(request, payload_length)
             if rejected is not None:
-                # Answer now; a payload that came with it is read and dropped.
-                self._out += self.replies.error(request, rejected.error, rejected.message)
-                self._skip(payload_length)
+                # A payload that came with it is read and dropped, and only then
+                # answered: a reply to a request still being sent matches no
+                # request the client has finished issuing (libnbd drops the
+                # connection: "no matching cookie found for server reply").
+                reply = self.replies.error(request, rejected.error, rejected.message)
+                if self._skip(payload_length):
+                    self._discarded_reply = reply
+                else:
+                    self._out += reply
                 continue
             if not payload_length:
                 return Request(request, b"")
@@ -261,13 +271,17 @@ class Transmission:
         self._payload_header, self._payload = None, None
         return event
 
-    def _skip(self, nbytes: int) -> None:
-        """Drop a rejected request's payload: what is here now, the rest as it comes."""
+    def _skip(self, nbytes: int) -> bool:
+        """Drop a rejected request's payload: what is here now, the rest as it comes.
+
+        True if some of it is still to come.
+        """
         n = min(nbytes, len(self._in))
         del self._in[:n]
         self._discard = nbytes - n
         if self._discard:
             self._phases.fire(TransmissionTrigger.REJECTED_WITH_PAYLOAD)
+        return bool(self._discard)
 
     def validate(self, request: RequestHeader, payload_length: int) -> RequestRejected | None:
         """The error the spec names for a bad request, or None if it may run."""
