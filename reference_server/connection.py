@@ -26,10 +26,10 @@ from .backends.base import Backend
 from .budget import ByteBudget
 from .connection_phases import CONNECTION_TRANSITIONS, Phase, Trigger
 from .context import ConnectionContext
-from .dispatch import ReplyPart, execute
+from .dispatch import ReplyPart, execute, request_cost, runs_in_pool
 from .gate import Admittee
 from .protocol import events
-from .protocol.constants import Command, CommandFlag, Errno, Reply
+from .protocol.constants import Errno, Reply
 from .protocol.export import Negotiated
 from .protocol.handshake import Handshake
 from .protocol.phases import PhaseMachine
@@ -44,23 +44,10 @@ log = logging.getLogger("reference_server")
 # still reading, and stopping would serialise its I/O with ours.  Memory stays
 # bounded by the server-wide byte budget.
 MAX_UNSENT = 8 * 1024 * 1024
-# Requests of a blocking backend that move less than this run inline on the
-# event loop: a thread-pool round trip costs more than a cached 4 KiB pread.
-# Larger transfers, FLUSH and FUA (which wait for the disk) use the pool.
-INLINE_BELOW = 64 * 1024
-_FUA = CommandFlag.FUA.value
 # Read on every request, bound once: an enum member is looked up through its
 # class five times slower than a module global.
-_READ = Command.READ
-_FLUSH = Command.FLUSH
 _DRAINING = Phase.DRAINING
 _SHUTTING_DOWN = Phase.SHUTTING_DOWN
-
-
-def _cost(event: events.Request) -> int:
-    """Bytes a request holds in memory: its payload, or the data a read returns."""
-    request = event.header
-    return len(event.payload) + (request.length if request.command == _READ else 0)
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -222,7 +209,7 @@ class Connection(asyncio.BufferedProtocol):
         budget.forget(self._wake)
         # Give back what this connection held; in-flight commands give their own.
         returned = self._payload_taken
-        returned += sum(_cost(event) for event, taken in self._queue if taken)
+        returned += sum(request_cost(event) for event, taken in self._queue if taken)
         self._payload_taken = 0
         self._queue.clear()
         self._replies.discard()
@@ -349,7 +336,7 @@ class Connection(asyncio.BufferedProtocol):
                 if self._replies.unsent > MAX_UNSENT or self._inflight >= limit:
                     break
                 queued, taken = self._queue[0]
-                if not taken and not budget.try_take(_cost(queued)):
+                if not taken and not budget.try_take(request_cost(queued)):
                     budget.wait(self._wake)
                     break
                 self._queue.popleft()
@@ -365,12 +352,12 @@ class Connection(asyncio.BufferedProtocol):
                     # "Terminating the transmission phase": requests received
                     # during shutdown SHOULD fail with NBD_ESHUTDOWN.
                     error = tx.replies.error(event.header, Errno.ESHUTDOWN, "server shutting down")
-                    self._send(error, _cost(event) if taken else 0)
+                    self._send(error, request_cost(event) if taken else 0)
                     continue
                 if (
                     self._inflight < limit
                     and self._replies.unsent <= MAX_UNSENT
-                    and (taken or budget.try_take(_cost(event)))
+                    and (taken or budget.try_take(request_cost(event)))
                 ):
                     # Nothing waits before it (the queue is empty here): run it now.
                     self._dispatch(event)
@@ -399,10 +386,7 @@ class Connection(asyncio.BufferedProtocol):
         tx, backend = self.transmission, self.backend
         assert tx is not None and backend is not None
         self._inflight += 1
-        request = event.header
-        if backend.blocking and (
-            request.length >= INLINE_BELOW or request.command == _FLUSH or request.flags & _FUA
-        ):
+        if runs_in_pool(backend, event.header):
             future = asyncio.get_running_loop().run_in_executor(
                 self.context.executor, execute, tx.replies, event, backend
             )
@@ -417,7 +401,7 @@ class Connection(asyncio.BufferedProtocol):
         except Exception:  # a bug, not a client error: drop this client, serve others
             log.exception("connection %d: request failed unexpectedly", self.number)
             self._inflight -= 1
-            self.context.budget.give(_cost(event))
+            self.context.budget.give(request_cost(event))
             self.close()
             return
         self._done(event, reply)
@@ -433,7 +417,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _done(self, event: events.Request, reply: Sequence[ReplyPart]) -> None:
         self._inflight -= 1
-        cost = _cost(event)
+        cost = request_cost(event)
         payload = event.payload
         if type(payload) is bytearray:
             # Free the written payload now: a worker thread may hold a reference

@@ -36,6 +36,25 @@ _READ, _WRITE, _FLUSH, _TRIM = Command.READ, Command.WRITE, Command.FLUSH, Comma
 _WRITE_ZEROES, _CACHE, _BLOCK_STATUS = Command.WRITE_ZEROES, Command.CACHE, Command.BLOCK_STATUS
 
 
+# Requests of a blocking backend that move less than this run inline on the
+# event loop: a thread-pool round trip costs more than a cached 4 KiB pread.
+# Larger transfers, FLUSH and FUA (which wait for the disk) use the pool.
+INLINE_BELOW = 64 * 1024
+
+
+def runs_in_pool(backend: Backend, header: RequestHeader) -> bool:
+    """Whether a request should run in a worker thread, off the event loop."""
+    return backend.blocking and bool(
+        header.length >= INLINE_BELOW or header.command == _FLUSH or header.flags & _FUA
+    )
+
+
+def request_cost(request: Request) -> int:
+    """Bytes a request holds in memory: its payload, or the data a read returns."""
+    header = request.header
+    return len(request.payload) + (header.length if header.command == _READ else 0)
+
+
 def execute(
     replies: ReplyBuilder, request: Request, backend: Backend, *, zero_copy: bool = False
 ) -> Sequence[ReplyPart]:
