@@ -5,9 +5,11 @@ request headers into a reusable buffer, a write payload into the one buffer
 that will reach the backend.  Requests are served concurrently when the
 backend blocks (a thread pool), and replies may leave out of order ("Protocol
 phases / Transmission": "Replies need not be sent in the same order as
-requests").  Three things stop the connection from reading more: too many
-requests in flight, the server-wide byte budget (budget.py), and a client that
-does not read its replies (8 MiB of them queued, replies.py).
+requests").  Replies leave through replies.py: on a plain socket straight to
+it (socket_writer.py: sendmsg, sendfile), under TLS through the transport.
+Three things stop the connection from reading more: too many requests in
+flight, the server-wide byte budget (budget.py), and a client that does not
+read its replies (8 MiB of them queued, replies.py).
 """
 
 from __future__ import annotations
