@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-import threading
 from pathlib import Path
 
 from conformance.wire import Cmd, Errno, HandshakeFlag, Info, Opt, Rep, ReplyFlag, ReplyType
@@ -25,13 +24,14 @@ from conformance.wire.constants import (
     OPTION_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
 )
+from tests.broken_servers.toy_listener import ToyListener
 
 SIZE = (1 << 32) + (1 << 20)
 MODES = ("split", "refuse", "overflow")
 
 
-class ToyHugeRead:
-    """One connection at a time on a Unix socket in DIRECTORY; close() stops it."""
+class ToyHugeRead(ToyListener):
+    """Listens on a Unix socket in DIRECTORY; one thread per connection; close() stops all."""
 
     tls = False
     tls_dir = None
@@ -40,39 +40,14 @@ class ToyHugeRead:
     def __init__(self, directory: Path, mode: str) -> None:
         assert mode in MODES
         self.mode = mode
-        self.socket_path = str(directory / f"toy-huge-{mode}.sock")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.socket_path)
-        self._listener.listen(4)
-        self._listener.settimeout(0.05)
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__(str(directory / f"toy-huge-{mode}.sock"))
 
-    def open_socket(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(self.socket_path)
-        return sock
+    def serve(self, conn: socket.socket) -> None:
+        conn.settimeout(5)
+        with conn, contextlib.suppress(OSError, EOFError, struct.error):
+            self._session(conn)
 
-    def close(self) -> None:
-        self._closing.set()
-        self._thread.join(timeout=10)
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            conn.settimeout(5)
-            with conn, contextlib.suppress(OSError, EOFError, struct.error):
-                self._serve(conn)
-
-    def _serve(self, conn: socket.socket) -> None:
+    def _session(self, conn: socket.socket) -> None:
         def recv(n: int) -> bytes:
             data = b""
             while len(data) < n:

@@ -1,6 +1,6 @@
 """The listener of the toy NBD servers: a Unix socket, one thread per connection, one close().
 
-The toys (toy_tls.py, and the skeleton toy_nbd.py spells out for itself) are
+The toys (toy_nbd.py, toy_tls.py, toy_selective.py, toy_huge_read.py) are
 written from the spec for the tests that prove the raw-wire checks can fail;
 this is the part of them that is not NBD.  Every wait has a timeout: the
 accept loop polls a closing flag, close() shuts every connection down and

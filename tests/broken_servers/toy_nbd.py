@@ -35,6 +35,7 @@ from conformance.wire.constants import (
     STRUCTURED_REPLY_MAGIC,
     TransmissionFlag,
 )
+from tests.broken_servers.toy_listener import ToyListener
 
 SIZE = 1 << 20
 EXPORT = "toy"
@@ -67,7 +68,7 @@ class Bugs:
     tls_reqd_in_notls: bool = False  # STARTTLS answered NBD_REP_ERR_TLS_REQD
 
 
-class ToyServer:
+class ToyServer(ToyListener):
     """Listens on a Unix socket in DIRECTORY; one thread per connection; close() stops all."""
 
     tls = False
@@ -78,47 +79,9 @@ class ToyServer:
         self.bugs = bugs
         self.data = bytearray(SIZE)
         self.lock = threading.Lock()
-        self.socket_path = str(directory / "toy-notls.sock")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.socket_path)
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__(str(directory / "toy-notls.sock"))
 
-    def open_socket(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(self.socket_path)
-        return sock
-
-    def close(self) -> None:
-        self._closing.set()
-        self._accepter.join(timeout=5)
-        self._listener.close()
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
         try:
             with contextlib.suppress(OSError, EOFError, struct.error):

@@ -18,7 +18,6 @@ import dataclasses
 import socket
 import ssl
 import struct
-import threading
 from pathlib import Path
 
 from conformance import tlsutil
@@ -31,6 +30,7 @@ from conformance.wire.constants import (
     OPTION_REPLY_MAGIC,
     SIMPLE_REPLY_MAGIC,
 )
+from tests.broken_servers.toy_listener import ToyListener
 
 PLAIN = ""
 FIXED_NEWSTYLE = 1
@@ -54,7 +54,7 @@ class Bugs:
     tls_reqd_to_non_fixed: bool = False  # FORCEDTLS answers non-fixed clients ERR_TLS_REQD
 
 
-class ToySelective:
+class ToySelective(ToyListener):
     """Listens on a Unix socket in DIRECTORY; one thread per connection; close() stops all."""
 
     tls = False  # clients reach the plain export without TLS
@@ -62,7 +62,6 @@ class ToySelective:
 
     def __init__(self, directory: Path, bugs: Bugs, mode: str = "selective") -> None:
         self.bugs, self.mode = bugs, mode
-        self.socket_path = str(directory / f"toy-{mode}.sock")
         credentials = directory / "tls"
         if not (credentials / "server-cert.pem").exists():
             tlsutil.generate(credentials)
@@ -71,46 +70,9 @@ class ToySelective:
         self.context.load_cert_chain(
             f"{self.tls_dir}/server-cert.pem", f"{self.tls_dir}/server-key.pem"
         )
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self.socket_path)
-        self._listener.listen(16)
-        self._listener.settimeout(0.05)
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._conns: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
+        super().__init__(str(directory / f"toy-{mode}.sock"))
 
-    def open_socket(self, timeout: float = 10.0) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(self.socket_path)
-        return sock
-
-    def close(self) -> None:
-        self._closing.set()
-        self._accepter.join(timeout=5)
-        self._listener.close()
-        for conn in list(self._conns):
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(timeout=5)
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._conns.append(conn)
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         conn.settimeout(10)
         session = _Session(self, conn)
         try:
