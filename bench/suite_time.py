@@ -20,11 +20,9 @@ does, and divided by the cores it bounds what an idle machine can do.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: the process harness lives in conformance/
     sys.path.insert(1, str(REPO))
 
-from conformance.servers.process import alive  # noqa: E402
+from conformance.servers.process import end_process_tree  # noqa: E402
 
 KILL_GRACE = 10.0
 
@@ -77,57 +75,13 @@ def timed_run(argv: list[str], timeout: float) -> tuple[float, float, int | None
         output, _ = process.communicate(timeout=timeout)
         status: int | None = process.returncode
     except subprocess.TimeoutExpired:
-        _end_group(process)
+        end_process_tree(process, KILL_GRACE)
         output, _ = process.communicate(timeout=KILL_GRACE)
         status = None
     elapsed = time.monotonic() - start
     cpu = _children_cpu() - cpu_before
     lines = [line for line in (output or "").splitlines() if line.strip()]
     return elapsed, cpu, status, lines[-1] if lines else ""
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), including those in other sessions.
-
-    Servers a test starts may live in their own session, out of reach of the
-    run's process group, so they are found by parentage and stopped by PID.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _end_group(process: subprocess.Popen[str]) -> None:
-    """SIGTERM the run and everything below it (by PID), then SIGKILL what remains."""
-    pids = [process.pid, *_descendants(process.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        for pid in pids[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + KILL_GRACE
-        while time.monotonic() < deadline and any(alive(pid) for pid in pids[1:]):
-            time.sleep(0.1)
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            continue
-        if not any(alive(pid) for pid in pids[1:]):
-            return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from conformance.servers.process import (
     ServerProcess,
     ServerStartError,
     alive,
+    descendants,
+    end_process_tree,
     unix_socket_listening,
     wait_until,
 )
@@ -201,3 +204,17 @@ time.sleep(60)
     assert server.daemon_pid is not None
     assert not alive(server.daemon_pid)
     assert server.exit_status() is None  # a daemon's status is not ours to read
+
+
+def test_end_process_tree_ends_a_child_that_left_the_group(tmp_path: Path) -> None:
+    # A run (new session) whose child starts a session of its own, as a
+    # forked server does: ending the run must end both, by PID.
+    pid_file = tmp_path / "child.pid"
+    script = f"setsid sleep 60 & echo $! > {pid_file}; wait"
+    run = subprocess.Popen(["sh", "-c", script], start_new_session=True, text=True)
+    wait_until(pid_file.exists, "the child to start", 10)
+    child = int(pid_file.read_text())
+    assert child in descendants(run.pid)
+    end_process_tree(run, grace=5)
+    assert run.poll() is not None
+    wait_until(lambda: not alive(child), "the child to end", 10)

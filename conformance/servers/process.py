@@ -140,6 +140,45 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below PID (servers may sit in sessions of their own), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def end_process_tree(process: subprocess.Popen[str], grace: float) -> None:
+    """End a run started in a session of its own, and every process below it.
+
+    SIGTERM to its process group and to each descendant by PID (servers it
+    started may have left the group), then SIGKILL to whatever is still
+    alive after GRACE seconds; the run itself is reaped.
+    """
+    pids = [process.pid, *descendants(process.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        for pid in pids[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(alive(p) for p in pids[1:]):
+            time.sleep(0.1)  # polling the condition, bounded by the deadline
+        if process.poll() is not None and not any(alive(p) for p in pids[1:]):
+            return
+
+
 def wait_until(
     condition: Callable[[], bool],
     what: str,

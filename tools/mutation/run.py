@@ -44,7 +44,6 @@ import argparse
 import ast
 import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -66,7 +65,7 @@ from conformance.servers.peers import ServeOptions, reference_argv  # noqa: E402
 from conformance.servers.process import (  # noqa: E402
     ServerProcess,
     ServerStartError,
-    alive,
+    end_process_tree,
     stop_process,
     with_pythonpath,
 )
@@ -249,40 +248,6 @@ def suite_argv(
     ]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below PID (servers may sit in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _end_run(process: subprocess.Popen[str]) -> None:
-    """SIGTERM the run's group and every descendant (by PID), then SIGKILL what remains."""
-    pids = [process.pid, *_descendants(process.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        for pid in pids[1:]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=KILL_GRACE)
-        deadline = time.monotonic() + KILL_GRACE
-        while time.monotonic() < deadline and any(alive(p) for p in pids[1:]):
-            time.sleep(0.1)
-        if process.poll() is not None and not any(alive(p) for p in pids[1:]):
-            return
-
-
 def run_suite(
     copy: Path, workers: int, timeout: float, extra: Sequence[str], suite: Sequence[str]
 ) -> Result:
@@ -301,11 +266,11 @@ def run_suite(
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _end_run(process)
+        end_process_tree(process, KILL_GRACE)
         output, _ = process.communicate(timeout=KILL_GRACE)
         return Result("", "timeout", time.monotonic() - start, f"over {timeout:g} s")
     except BaseException:  # interrupted (SIGINT, or SIGTERM via main): leave nothing behind
-        _end_run(process)
+        end_process_tree(process, KILL_GRACE)
         raise
     seconds = time.monotonic() - start
     failures = FAILURE_LINE.findall(output)
