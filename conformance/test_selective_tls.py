@@ -16,9 +16,7 @@ options in clear to a TLS server nor NBD_OPT_STARTTLS on its own.
 
 from __future__ import annotations
 
-import contextlib
 import ssl
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -51,25 +49,6 @@ def tls_context(server: Any) -> ssl.SSLContext:
     if server.tls_dir is None:
         unsupported("no TLS credentials for this server")
     return client_context(server.tls_dir)
-
-
-@contextlib.contextmanager
-def in_clear(server: Any, flags: int | None = None) -> Iterator[WireClient]:
-    """Greeting and client flags done (fixed newstyle unless FLAGS says otherwise), no TLS."""
-    client = s.connect(server)
-    try:
-        client.negotiate(flags)
-        yield client
-    finally:
-        client.close()
-
-
-def _payload(option: Opt, name: bytes) -> bytes:
-    if option in (Opt.INFO, Opt.GO):
-        return m.pack_name_and_infos(name)
-    if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-        return m.pack_meta_context_query(name, (b"base:allocation",))
-    return b""
 
 
 def _not_tls_reqd(result: OptionResult, what: str) -> None:
@@ -105,10 +84,10 @@ def test_selective_starttls_gets_ack_then_tls(selective_server):
     and the TLS-only export served over it."""
     plain = s.export_name(selective_server)
     for before in ((), (Opt.LIST, Opt.INFO, Opt.GO)):
-        with in_clear(selective_server) as client:
+        with s.in_clear(selective_server) as client:
             for option in before:
                 name = TLS_ONLY if option == Opt.GO else plain
-                client.option(option, _payload(option, name))
+                client.option(option, s.option_payload(option, name))
             _upgrade(client, selective_server)
             after = f"after {[o.name for o in before]}" if before else "as the first option"
             go = client.go(TLS_ONLY)
@@ -126,7 +105,7 @@ def test_selective_starttls_gets_ack_then_tls(selective_server):
 def test_selective_second_starttls_gets_err_invalid(selective_server):
     """Once as the first option, once after the plain export was queried in clear."""
     for query_first in (False, True):
-        with in_clear(selective_server) as client:
+        with s.in_clear(selective_server) as client:
             if query_first:
                 client.info(s.export_name(selective_server))
             _upgrade(client, selective_server)
@@ -149,12 +128,12 @@ def test_selective_info_and_go_on_tls_only_export_get_tls_reqd(selective_server)
     after structured replies were negotiated and the plain export was queried."""
     plain = s.export_name(selective_server)
     for prepared in (False, True):
-        with in_clear(selective_server) as client:
+        with s.in_clear(selective_server) as client:
             if prepared:
                 client.structured_reply()
                 client.info(plain)
             for option in (Opt.INFO, Opt.GO):
-                result = client.option(option, _payload(option, TLS_ONLY))
+                result = client.option(option, s.option_payload(option, TLS_ONLY))
                 expect_equal(
                     result.type.name,
                     "ERR_TLS_REQD",
@@ -173,7 +152,7 @@ def test_selective_export_name_on_tls_only_export_terminates(selective_server):
     """As the first option, and after the plain export was queried: the session ends with no
     export information; the server goes on serving."""
     for query_first in (False, True):
-        with in_clear(selective_server) as client:
+        with s.in_clear(selective_server) as client:
             if query_first:
                 client.info(s.export_name(selective_server))
             try:
@@ -219,13 +198,13 @@ def test_selective_tls_reqd_only_for_info_and_go_on_tls_only_or_unknown(selectiv
     plain, the TLS-only and an unknown export), unknown options, then NBD_OPT_INFO and
     NBD_OPT_GO on the plain export: none answered NBD_REP_ERR_TLS_REQD."""
     plain = s.export_name(selective_server)
-    with in_clear(selective_server) as client:
+    with s.in_clear(selective_server) as client:
         for option, name in OTHER_OPTIONS:
             named = plain if name is None else name
-            result = client.option(option, _payload(option, named))
+            result = client.option(option, s.option_payload(option, named))
             _not_tls_reqd(result, f"{option.name} naming {named!r} before TLS")
         for option in (Opt.INFO, Opt.GO):
-            result = client.option(option, _payload(option, plain))
+            result = client.option(option, s.option_payload(option, plain))
             _not_tls_reqd(result, f"{option.name} on the plain export before TLS")
 
 
@@ -239,16 +218,18 @@ def test_selective_no_tls_reqd_after_starttls(selective_server):
     """Over TLS, on one connection: every option, naming the plain, the TLS-only and an unknown
     export, then NBD_OPT_GO on the TLS-only export."""
     plain = s.export_name(selective_server)
-    with in_clear(selective_server) as client:
+    with s.in_clear(selective_server) as client:
         _upgrade(client, selective_server)
         for option, name in ((Opt.INFO, TLS_ONLY), (Opt.INFO, UNKNOWN), (Opt.INFO, plain)):
-            _not_tls_reqd(client.option(option, _payload(option, name)), f"INFO on {name!r}")
+            _not_tls_reqd(
+                client.option(option, s.option_payload(option, name)), f"INFO on {name!r}"
+            )
         for option, name in OTHER_OPTIONS:
             named = plain if name is None else name
-            result = client.option(option, _payload(option, named))
+            result = client.option(option, s.option_payload(option, named))
             _not_tls_reqd(result, f"{option.name} naming {named!r} over TLS")
         _not_tls_reqd(
-            client.option(Opt.GO, _payload(Opt.GO, TLS_ONLY)), "GO on the TLS-only export"
+            client.option(Opt.GO, s.option_payload(Opt.GO, TLS_ONLY)), "GO on the TLS-only export"
         )
 
 
@@ -264,12 +245,12 @@ def test_selective_server_hiding_unknown_exports_reveals_nothing_of_tls_only_one
     """If an unknown export gets NBD_REP_ERR_TLS_REQD before TLS (the server hides which
     exports exist), NBD_OPT_INFO and NBD_OPT_GO on the TLS-only export carry no NBD_REP_INFO:
     otherwise the two would be told apart."""
-    with in_clear(selective_server) as client:
+    with s.in_clear(selective_server) as client:
         unknown = client.info(UNKNOWN)
         if unknown.type != Rep.ERR_TLS_REQD:
             unsupported(f"unknown exports are not hidden before TLS ({unknown.describe()})")
         for option in (Opt.INFO, Opt.GO):
-            result = client.option(option, _payload(option, TLS_ONLY))
+            result = client.option(option, s.option_payload(option, TLS_ONLY))
             expect_equal(
                 [r.type.name for r in result.intermediate],
                 [],
@@ -294,12 +275,12 @@ def test_mode_is_kept_for_the_whole_connection(selective_server):
     NBD_REP_ACK to NBD_OPT_STARTTLS."""
     plain = s.export_name(selective_server)
     questions = ((Opt.INFO, plain), (Opt.INFO, TLS_ONLY), (Opt.INFO, UNKNOWN), (Opt.LIST, b""))
-    with in_clear(selective_server) as client:
+    with s.in_clear(selective_server) as client:
         rounds = []
         for _ in range(2):
             answers = []
             for option, name in questions:
-                result = client.option(option, _payload(option, name))
+                result = client.option(option, s.option_payload(option, name))
                 answers.append([r.type.name for r in result.replies])
             rounds.append(answers)
         for (option, name), first, second in zip(questions, *rounds, strict=True):
@@ -337,7 +318,7 @@ def test_client_without_fixed_newstyle_gets_the_plain_export(selective_server, s
 
 def _export_name_without_fixed_newstyle(server: Any, name: bytes) -> tuple[bool, str]:
     """(served, what happened) for flags 0 then NBD_OPT_EXPORT_NAME NAME and a READ."""
-    with in_clear(server, flags=0) as client:
+    with s.in_clear(server, flags=0) as client:
         try:
             export = client.export_name(name).export
             reply = client.read(0, 4096)
@@ -362,9 +343,9 @@ def test_client_without_fixed_newstyle_never_gets_tls_reqd(start_server):
     option any other way, or end the session."""
     server = start_server(ServerConfig(tls=True))
     for option in (Opt.LIST, Opt.INFO, Opt.GO):
-        with in_clear(server, flags=0) as client:
+        with s.in_clear(server, flags=0) as client:
             try:
-                result = client.option(option, _payload(option, s.export_name(server)))
+                result = client.option(option, s.option_payload(option, s.export_name(server)))
             except (Disconnected, TimeoutError):
                 continue
             _not_tls_reqd(result, f"{option.name} from a client that is not fixed newstyle")
@@ -383,7 +364,7 @@ def test_selective_state_negotiated_in_clear_does_not_survive_starttls(selective
     that asks for neither, a READ gets a simple reply and BLOCK_STATUS is refused: nothing
     of the plaintext negotiation is in force (a FORCEDTLS server never lets it start)."""
     plain = s.export_name(selective_server)
-    with in_clear(selective_server) as client:
+    with s.in_clear(selective_server) as client:
         if client.structured_reply().type != Rep.ACK:
             unsupported("the server does not offer structured replies")
         client.set_meta_context(plain, (b"base:allocation",))

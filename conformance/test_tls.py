@@ -40,25 +40,6 @@ def tls_server(start_server):
     return start_server(ServerConfig(tls=True))
 
 
-@contextlib.contextmanager
-def in_clear(server):
-    """Greeting and client flags done; no STARTTLS yet."""
-    client = s.connect(server)
-    try:
-        client.negotiate()
-        yield client
-    finally:
-        client.close()
-
-
-def _payload(option: Opt, name: bytes) -> bytes:
-    if option in (Opt.INFO, Opt.GO):
-        return m.pack_name_and_infos(name)
-    if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
-        return m.pack_meta_context_query(name, (b"base:allocation",))
-    return b""
-
-
 def _plaintext_reply_in(data: bytes) -> bool:
     return OPTION_REPLY_MAGIC.to_bytes(8, "big") in data
 
@@ -73,8 +54,8 @@ FORCED_TLS_RULE = (
 @spec("TLS support / Server-side requirements / FORCEDTLS mode", MUST, FORCED_TLS_RULE)
 @pytest.mark.parametrize("option", CLEAR_OPTIONS, ids=lambda o: o.name.lower())
 def test_option_before_starttls_gets_tls_reqd(tls_server, option):
-    with in_clear(tls_server) as client:
-        result = client.option(option, _payload(option, s.export_name(tls_server)))
+    with s.in_clear(tls_server) as client:
+        result = client.option(option, s.option_payload(option, s.export_name(tls_server)))
         expect_equal(result.type.name, "ERR_TLS_REQD", f"{option.name} before STARTTLS")
 
 
@@ -86,8 +67,8 @@ def test_option_before_starttls_gets_tls_reqd(tls_server, option):
 )
 @pytest.mark.parametrize("option", [Opt.INFO, Opt.GO], ids=lambda o: o.name.lower())
 def test_info_and_go_before_starttls_reveal_nothing(tls_server, option):
-    with in_clear(tls_server) as client:
-        result = client.option(option, _payload(option, s.export_name(tls_server)))
+    with s.in_clear(tls_server) as client:
+        result = client.option(option, s.option_payload(option, s.export_name(tls_server)))
         expect_equal([r.type.name for r in result.intermediate], [], f"{option.name} replies")
 
 
@@ -98,7 +79,7 @@ def test_info_and_go_before_starttls_reveal_nothing(tls_server, option):
     "TLS has not been initiated, then as this request cannot error, it MUST terminate the session.",
 )
 def test_export_name_before_starttls_terminates(tls_server):
-    with in_clear(tls_server) as client:
+    with s.in_clear(tls_server) as client:
         try:
             client.send_option(Opt.EXPORT_NAME, s.export_name(tls_server))
         except Disconnected:
@@ -120,7 +101,7 @@ def test_export_name_before_starttls_terminates(tls_server):
     "`NBD_REP_ACK`.",
 )
 def test_starttls_gets_ack_then_tls(tls_server):
-    with in_clear(tls_server) as client:
+    with s.in_clear(tls_server) as client:
         result = client.option(Opt.STARTTLS)
         expect_equal(result.type.name, "ACK", "reply to NBD_OPT_STARTTLS")
         client.upgrade_tls(s.require_tls_context(tls_server))
@@ -155,7 +136,7 @@ def test_second_starttls_gets_err_invalid(tls_server):
 def test_no_tls_reqd_after_starttls(tls_server, option):
     client = s.negotiated(tls_server)
     try:
-        result = client.option(option, _payload(option, b"conformance-no-such-export"))
+        result = client.option(option, s.option_payload(option, b"conformance-no-such-export"))
         expect(
             result.type != Rep.ERR_TLS_REQD,
             f"{option.name} over TLS",
@@ -174,7 +155,7 @@ def test_no_tls_reqd_after_starttls(tls_server, option):
     "as the acknowledgement has been sent.",
 )
 def test_failed_tls_handshake_terminates_session(tls_server):
-    with in_clear(tls_server) as client:
+    with s.in_clear(tls_server) as client:
         expect_equal(client.option(Opt.STARTTLS).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
         try:
             client.send(m.pack_option(Opt.LIST) * 4)  # plaintext where a ClientHello belongs
@@ -205,7 +186,7 @@ def test_failed_tls_handshake_terminates_session(tls_server):
 def test_option_sent_with_starttls_is_not_answered_in_clear(tls_server):
     """STARTTLS and NBD_OPT_LIST in one write: the LIST bytes, buffered by the server before the
     upgrade, must never be acted on in clear (the STARTTLS command-injection class)."""
-    with in_clear(tls_server) as client:
+    with s.in_clear(tls_server) as client:
         client.send(m.pack_option(Opt.STARTTLS) + m.pack_option(Opt.LIST))
         ack = client.recv_option_reply()
         expect_equal(ack.type.name, "ACK", "reply to NBD_OPT_STARTTLS")
@@ -229,7 +210,7 @@ def test_tls_1_2_is_supported(tls_server):
     ctx = s.require_tls_context(tls_server)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    with in_clear(tls_server) as client:
+    with s.in_clear(tls_server) as client:
         expect_equal(client.option(Opt.STARTTLS).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
         try:
             client.upgrade_tls(ctx)
@@ -249,7 +230,7 @@ def notls(server):
     """Option haggling with a server the suite runs without TLS (NOTLS mode is baseline)."""
     if s.tls_context(server) is not None:
         pytest.skip("the server under test requires TLS; NOTLS mode is checked without it")
-    with in_clear(server) as client:
+    with s.in_clear(server) as client:
         yield client
 
 
@@ -283,14 +264,14 @@ def test_notls_server_never_answers_tls_reqd(server):
         for option in (Opt.STARTTLS, *CLEAR_OPTIONS):
             if option == Opt.GO:
                 continue  # last: it ends option haggling
-            result = client.option(option, _payload(option, name))
+            result = client.option(option, s.option_payload(option, name))
             expect(
                 result.type != Rep.ERR_TLS_REQD,
                 f"reply to {option.name} in NOTLS mode",
                 "anything but NBD_REP_ERR_TLS_REQD",
                 result.describe(),
             )
-        result = client.option(Opt.GO, _payload(Opt.GO, name))
+        result = client.option(Opt.GO, s.option_payload(Opt.GO, name))
         expect_equal(result.type.name, "ACK", "reply to NBD_OPT_GO in NOTLS mode")
 
 
@@ -308,7 +289,7 @@ def _handshake_with(server, low: ssl.TLSVersion, high: ssl.TLSVersion):
             ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     except (ValueError, ssl.SSLError) as exc:
         unsupported(f"this client's TLS library cannot offer {low.name}-{high.name}: {exc}")
-    with in_clear(server) as client:
+    with s.in_clear(server) as client:
         expect_equal(client.option(Opt.STARTTLS).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
         try:
             client.upgrade_tls(ctx)
@@ -316,6 +297,7 @@ def _handshake_with(server, low: ssl.TLSVersion, high: ssl.TLSVersion):
             if "NO_PROTOCOLS_AVAILABLE" in str(exc) or "UNSUPPORTED_PROTOCOL" in str(exc):
                 unsupported(f"this client's TLS library refuses {low.name}-{high.name}: {exc}")
             return None, exc
+        assert isinstance(client.sock, ssl.SSLSocket), "upgrade_tls() left a plain socket"
         return client.sock.version(), None
 
 
@@ -348,7 +330,7 @@ def test_tls_before_1_2_is_refused_by_default(tls_server):
 def _close_after(server, stage: str):
     """Over TLS, send a message with a bad magic at STAGE; how the server ends the session."""
     ctx = s.require_tls_context(server)
-    with in_clear(server) as client:
+    with s.in_clear(server) as client:
         expect_equal(client.starttls(ctx).type.name, "ACK", "reply to NBD_OPT_STARTTLS")
         if stage == "transmission":
             expect_equal(client.go(s.export_name(server)).type.name, "ACK", "NBD_OPT_GO")
@@ -399,7 +381,7 @@ def test_starttls_with_data_gets_ack_then_tls_or_a_permitted_error(tls_server):
     error the spec permits (NBD_REP_ERR_INVALID, as the example says).  After the error the
     server MAY drop the connection: the client broke a MUST by sending data."""
     ctx = s.require_tls_context(tls_server)
-    with in_clear(tls_server) as client:
+    with s.in_clear(tls_server) as client:
         result = client.option(Opt.STARTTLS, b"junk")
         if not result.ok:
             expect(

@@ -20,8 +20,9 @@ from typing import Any
 from conformance.spec import SpecViolation, expect_equal, unsupported
 from conformance.tlsutil import client_context
 
+from . import messages as m
 from .client import Disconnected, WireClient
-from .constants import BASE_ALLOCATION, Cmd, Errno, Info, Rep
+from .constants import BASE_ALLOCATION, Cmd, Errno, Info, Opt, Rep
 from .messages import ExportInfo, ProtocolViolation
 from .results import OptionResult
 
@@ -47,6 +48,26 @@ def export_name(server: Any) -> bytes:
 def connect(server: Any, *, timeout: float = PROBE_TIMEOUT) -> WireClient:
     """A raw connection; nothing read or sent yet."""
     return WireClient.connect(server, timeout=timeout)
+
+
+@contextlib.contextmanager
+def in_clear(server: Any, flags: int | None = None) -> Iterator[WireClient]:
+    """Greeting and client flags done (fixed newstyle unless FLAGS says otherwise), no TLS."""
+    client = connect(server)
+    try:
+        client.negotiate(flags)
+        yield client
+    finally:
+        client.close()
+
+
+def option_payload(option: Opt, name: bytes) -> bytes:
+    """The smallest valid payload of OPTION about export NAME (base:allocation for contexts)."""
+    if option in (Opt.INFO, Opt.GO):
+        return m.pack_name_and_infos(name)
+    if option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+        return m.pack_meta_context_query(name, (BASE_ALLOCATION.encode(),))
+    return b""
 
 
 def negotiated(
