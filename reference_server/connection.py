@@ -80,8 +80,6 @@ class Connection(asyncio.BufferedProtocol):
         self._queue: deque[tuple[events.Request, bool]] = deque()  # (command, budget taken)
         self._payload_taken = 0  # budget taken for the write payload being received
         self._replies = ReplyQueue(context.budget)
-        # Set in the transmission phase on a plain socket (replies.py).
-        self._writer: SocketWriter | None = None
         self._inflight = 0
         self._pumping = False
         self._reading = True
@@ -293,8 +291,8 @@ class Connection(asyncio.BufferedProtocol):
         self.backend = self.context.exports[negotiated.export.name].backend
         self.transmission = Transmission(negotiated, trace=self.tracer)
         assert self.transport is not None
-        self._writer = SocketWriter.for_transport(self.transport, self.resume_writing)
-        self._replies.writer = self._writer
+        # On a plain socket, replies go straight to it (replies.py).
+        self._replies.writer = SocketWriter.for_transport(self.transport, self.resume_writing)
         self.handshake = None
         if buffered:
             self.transmission.receive_data(buffered)
@@ -394,7 +392,7 @@ class Connection(asyncio.BufferedProtocol):
             )
             future.add_done_callback(functools.partial(self._finished, event))
         else:
-            zero_copy = self._writer is not None
+            zero_copy = self._replies.writer is not None
             self._done(event, execute(tx.replies, event, backend, zero_copy=zero_copy))
 
     def _finished(self, event: events.Request, future: asyncio.Future[Sequence[ReplyPart]]) -> None:
@@ -486,10 +484,9 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.close()
 
     def _close_writer(self) -> None:
-        if self._writer is not None:
-            self._replies.writer = None
-            self._writer.close()
-            self._writer = None
+        writer, self._replies.writer = self._replies.writer, None
+        if writer is not None:
+            writer.close()
 
     def note(self, text: str) -> None:
         if self.tracer is not None:
