@@ -11,6 +11,7 @@ import argparse
 import os
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -217,3 +218,14 @@ def test_unix_listener_appears_ready_and_replaces_a_stale_socket(tmp_path: Path)
 def test_unix_listener_path_too_long_is_a_startup_error(tmp_path: Path) -> None:
     with pytest.raises(sockets.StartupError):
         sockets.unix_listener(str(tmp_path / ("x" * 120)))
+
+
+def test_the_server_imports_nothing_outside_the_standard_library_unless_asked() -> None:
+    # uvloop is optional: only --event-loop=uvloop may import it (the unit env has it installed).
+    probe = (
+        "import sys; from reference_server import cli; "
+        "cli._check(cli.build_parser().parse_args(['--memory', '1M'])); "
+        "assert 'uvloop' not in sys.modules, 'uvloop imported without being asked for'"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
