@@ -290,7 +290,10 @@ def export_specs(args: argparse.Namespace) -> list[ExportSpec]:
 
 def open_backend(spec: ExportSpec) -> Backend:
     if spec.memory is not None:
-        return MemoryBackend(spec.memory)
+        try:
+            return MemoryBackend(spec.memory)
+        except OSError as exc:
+            raise StartupError(f"--memory: {exc.strerror or exc}") from None
     assert spec.file is not None
     try:
         return FileBackend(spec.file, read_only=spec.read_only)

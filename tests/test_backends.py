@@ -180,10 +180,16 @@ def test_memory_backend_is_sparse_for_one_tebibyte() -> None:
     assert bytes(b.pread(3, tib - 3)) == bytes(3)
 
 
-def test_memory_writing_zeroes_allocates_nothing() -> None:
+def test_memory_written_zeroes_are_data_until_trimmed() -> None:
+    # The store cannot tell written zeroes from data without reading them
+    # back; DATA is always a correct answer, and a trim gives them back.
     b = MemoryBackend(SIZE)
     b.pwrite(bytes(3 * PAGE_SIZE), 100, fua=False)
+    assert bytes(b.pread(3 * PAGE_SIZE, 100)) == bytes(3 * PAGE_SIZE)
+    assert b.allocated_bytes == 4 * PAGE_SIZE
+    b.trim(SIZE, 0, fua=False)
     assert b.allocated_bytes == 0
+    assert allocation(b, 0, SIZE) == [(0, SIZE, HOLE)]
 
 
 def test_memory_partial_zero_frees_a_page_that_becomes_all_zero() -> None:
@@ -193,6 +199,121 @@ def test_memory_partial_zero_frees_a_page_that_becomes_all_zero() -> None:
     assert b.allocated_bytes == PAGE_SIZE
     b.trim(1, 11, fua=False)
     assert b.allocated_bytes == 0
+
+
+def test_memory_trim_across_pages_keeps_the_partial_ends() -> None:
+    # [PAGE_SIZE - 10, 4 * PAGE_SIZE + 10): two partial pages around three whole ones.
+    b = MemoryBackend(SIZE)
+    data = PATTERN * 70  # beyond six pages
+    b.pwrite(data, 0, fua=False)
+    start, end = PAGE_SIZE - 10, 4 * PAGE_SIZE + 10
+    b.trim(end - start, start, fua=False)
+    expected = data[:start] + bytes(end - start) + data[end : 6 * PAGE_SIZE]
+    assert bytes(b.pread(6 * PAGE_SIZE, 0)) == expected
+    assert allocation(b, 0, 6 * PAGE_SIZE) == [
+        (0, PAGE_SIZE, DATA),
+        (PAGE_SIZE, 3 * PAGE_SIZE, HOLE),
+        (4 * PAGE_SIZE, 2 * PAGE_SIZE, DATA),
+    ]
+
+
+@pytest.mark.parametrize("size", [1, 4095, PAGE_SIZE + 1, 3 * PAGE_SIZE + 1000])
+def test_memory_export_of_a_size_that_is_no_multiple_of_the_page(size: int) -> None:
+    b = MemoryBackend(size)
+    last_page = (size - 1) // PAGE_SIZE * PAGE_SIZE
+    tail = PATTERN[: min(size - last_page, 100)]  # within the short last page
+    b.pwrite(tail, size - len(tail), fua=False)
+    assert bytes(b.pread(len(tail), size - len(tail))) == tail
+    runs = allocation(b, 0, size)
+    assert runs[-1] == (last_page, size - last_page, DATA), runs
+    assert sum(n for _, n, _ in runs) == size
+    assert bytes(b.read_parts(size, 0)[0]) == b.pread(size, 0)  # type: ignore[arg-type]
+    # A trim to the end releases the short last page as a whole.
+    b.trim(size - last_page, last_page, fua=False)
+    assert b.allocated_bytes == 0
+    assert bytes(b.pread(size, 0)) == bytes(size)
+    b.zero(size, 0, may_trim=False, fast=False, fua=False)
+    assert allocation(b, 0, size) == [(0, size, DATA)], "NO_HOLE must provision"
+    assert bytes(b.pread(size, 0)) == bytes(size)
+    b.close()
+
+
+def test_memory_export_of_size_zero() -> None:
+    b = MemoryBackend(0)
+    assert b.extents(1, 0) == []
+    assert b.pread(0, 0) == b""
+    b.pwrite(b"", 0, fua=True)
+    b.zero(0, 0, may_trim=True, fast=False, fua=False)
+    b.trim(0, 0, fua=False)
+    assert b.allocated_bytes == 0
+    view = b.write_view(0, 0)
+    assert view is not None and len(view) == 0
+    b.close()
+
+
+def test_memory_too_large_to_map_is_a_clear_oserror() -> None:
+    # 2^50 bytes exceed x86-64's 47-bit user address space; a kernel that
+    # maps them anyway must still serve them.
+    for size in (1 << 50, 1 << 63):
+        try:
+            b = MemoryBackend(size)
+        except OSError as exc:
+            assert exc.errno == errno.ENOMEM and f"cannot map {size} bytes" in str(exc)
+            continue
+        b.pwrite(b"end", size - 3, fua=False)
+        assert bytes(b.pread(3, size - 3)) == b"end"
+        b.close()
+
+
+def _anonymous_rss() -> int:
+    """Bytes of anonymous memory this process holds (RssAnon in /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+def test_memory_costs_what_is_written_and_trim_gives_it_back() -> None:
+    before = _anonymous_rss()
+    b = MemoryBackend(1 << 40)
+    assert _anonymous_rss() - before < 4 << 20, "an idle 1 TiB export must cost almost nothing"
+    b.extents(1 << 40, 0)
+    b.pread(1 << 20, 1 << 39)  # reading a hole maps the kernel's zero page, nothing more
+    assert _anonymous_rss() - before < 4 << 20
+    b.pwrite(b"\x01" * (32 << 20), 1 << 30, fua=False)
+    written = _anonymous_rss() - before
+    assert written >= 30 << 20, f"32 MiB written, only {written} bytes resident"
+    b.trim(32 << 20, 1 << 30, fua=False)
+    assert _anonymous_rss() - before < 4 << 20, "trim must give the pages back"
+    assert bytes(b.pread(4096, 1 << 30)) == bytes(4096)
+    b.close()
+
+
+def test_memory_write_view_is_the_store_and_counts_as_data_at_once() -> None:
+    b = MemoryBackend(SIZE)
+    offset = 3 * PAGE_SIZE - 100
+    view = b.write_view(len(PATTERN), offset)
+    assert view is not None and len(view) == len(PATTERN) and not view.readonly
+    # Half of it arrives: already data, never a hole that claims to read zero.
+    view[:5000] = PATTERN[:5000]
+    assert bytes(b.pread(5000, offset)) == PATTERN[:5000]
+    assert all(f == DATA for s, n, f in allocation(b, offset, len(PATTERN)))
+    view[5000:] = PATTERN[5000:]
+    b.commit_write(len(PATTERN), offset, fua=True)
+    assert bytes(b.pread(len(PATTERN), offset)) == PATTERN
+
+
+def test_memory_commit_counts_pages_a_concurrent_trim_forgot() -> None:
+    # Another connection trims the range while the payload is arriving; the
+    # bytes that arrive after it must not sit in pages reported as holes.
+    b = MemoryBackend(SIZE)
+    view = b.write_view(PAGE_SIZE, 0)
+    assert view is not None
+    b.trim(PAGE_SIZE, 0, fua=False)
+    view[:] = b"\x05" * PAGE_SIZE
+    b.commit_write(PAGE_SIZE, 0, fua=False)
+    assert allocation(b, 0, PAGE_SIZE) == [(0, PAGE_SIZE, DATA)]
+    assert bytes(b.pread(PAGE_SIZE, 0)) == b"\x05" * PAGE_SIZE
 
 
 # ------------------------------------------------------------------- file

@@ -159,6 +159,17 @@ def test_socket_path_that_is_a_regular_file_is_not_clobbered(
     assert victim.read_text() == "precious"
 
 
+def test_memory_larger_than_the_address_space_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 2^63 bytes cannot be mapped anywhere: a one-line error, no traceback,
+    # and no socket left behind.
+    status, err = run(["--memory", str(1 << 63), "-k", str(tmp_path / "s")], capsys)
+    assert status == 1
+    assert err.startswith(f"{cli.PROG}: --memory: cannot map") and err.count("\n") == 1
+    assert not (tmp_path / "s").exists()
+
+
 def test_tls_creds_directory_without_certificates_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -71,6 +71,33 @@ class Backend(abc.ABC):
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         """Write ``data``; with ``fua`` it is durable before returning."""
 
+    def write_view(self, length: int, offset: int) -> memoryview | None:
+        """Where a write of ``length`` bytes at ``offset`` may be received in place.
+
+        A writable view of the store itself, or None when the backend has none
+        (the payload is then received into a buffer and given to
+        :meth:`pwrite`).  Only asked for a validated NBD_CMD_WRITE: the
+        transport receives the payload into the view as it arrives, then calls
+        :meth:`commit_write`.  So its bytes land before the write completes:
+        a read sent meanwhile may show some of them, and a write cut off
+        mid-payload (its client gone) leaves the part that arrived.  Neither
+        breaks a promise: the write was never completed, and "The server MAY
+        process commands out of order" ("Ordering of messages and writes").
+        A backend that offers a view must never block on it: the socket is
+        read into it on the event loop.
+        """
+        return None
+
+    def commit_write(self, length: int, offset: int, fua: bool) -> None:
+        """The payload of a write received into :meth:`write_view` has all arrived.
+
+        The bytes are in place; what remains is bookkeeping and, with
+        ``fua``, making them durable.  Also called for the part that arrived
+        of a write cut off mid-payload (with ``fua`` false).
+        """
+        if fua:
+            self.flush()
+
     @abc.abstractmethod
     def flush(self) -> None:
         """Make every completed write durable."""

@@ -1,21 +1,59 @@
-"""Sparse in-memory storage (``--memory SIZE``).
+"""Sparse in-memory storage (``--memory SIZE``): one anonymous mapping.
 
-Only pages that hold non-zero data exist, so a 1 TiB export costs what is
-written.  Holes read as zeroes and are reported as NBD_STATE_HOLE|ZERO.
+The store is a single private anonymous ``mmap`` of the export's size,
+mapped with MAP_NORESERVE: the kernel lends no memory until a page is
+written (a read of an untouched page maps its one shared zero page), so a
+1 TiB export costs what is written.  Beside it, a set of the 32 KiB pages
+that may hold data answers base:allocation: the others are holes
+(NBD_STATE_HOLE|ZERO) and read as zeroes.  Trimming gives whole pages back
+to the kernel (``madvise(MADV_DONTNEED)``).
+
+Because the store is one mapping, a read's data is one view of it
+(:meth:`MemoryBackend.read_parts`) and a write's payload can be received
+straight into it (:meth:`MemoryBackend.write_view`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import mmap
+import os
 import threading
 
 from ..protocol.constants import StateFlag
 from .base import Backend, Extent, ReadPart
 
-PAGE_SIZE = 32 * 1024
+#: The unit of allocation the extents report (never below the kernel's page).
+PAGE_SIZE = max(32 * 1024, mmap.PAGESIZE)
 _ZERO_PAGE = bytes(PAGE_SIZE)
-_ZERO_VIEW = memoryview(_ZERO_PAGE)
+_ZEROES = memoryview(bytes(max(1 << 20, PAGE_SIZE)))
 _HOLE = (StateFlag.HOLE | StateFlag.ZERO).value
 _DATA = 0
+# <sys/mman.h>: reserve no swap for the mapping (its pages are committed only
+# when written).  Python 3.11's mmap module does not export it; 0x4000 is its
+# value on every Linux architecture that has it.
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+def anonymous_memory(size: int) -> mmap.mmap | bytearray:
+    """Zero-filled memory of ``size`` bytes that costs nothing until written.
+
+    Raises OSError (ENOMEM) when the kernel refuses a mapping that large
+    (beyond the address space, or with strict overcommit).
+    """
+    if size == 0:
+        return bytearray()  # mmap refuses an empty mapping
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    try:
+        try:
+            return mmap.mmap(-1, size, flags=flags | MAP_NORESERVE)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return mmap.mmap(-1, size, flags=flags)  # a kernel without MAP_NORESERVE
+    except OverflowError:
+        raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM)) from None
 
 
 class MemoryBackend(Backend):
@@ -24,108 +62,135 @@ class MemoryBackend(Backend):
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._pages: dict[int, bytearray] = {}
-        # Connections may be served from several threads; a page dict update
-        # is not atomic with respect to a concurrent read-modify-write.
+        try:
+            self._memory = anonymous_memory(size)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.ENOMEM:
+                why += " (more than the address space, or vm.overcommit_memory=2)"
+            raise OSError(exc.errno, f"cannot map {size} bytes: {why}") from None
+        self._view = memoryview(self._memory)
+        # Indices of the pages that may hold data.  A page outside it reads
+        # as zeroes (never written, trimmed, or given back to the kernel).
+        self._pages: set[int] = set()
+        # Trimming checks a page and then forgets it: the two must not be
+        # split by a write from another thread.
         self._lock = threading.Lock()
 
-    def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
-        out = bytearray(length)
-        self.pread_into(memoryview(out), offset, fresh=True)
-        return out
+    # ------------------------------------------------------------- reading
 
-    def pread_into(self, view: memoryview, offset: int, *, fresh: bool = False) -> None:
-        """Copy pages into ``view``; ``fresh`` says it is already zeroed (holes skipped)."""
-        length = len(view)
-        pos = 0
-        with self._lock:
-            while pos < length:
-                index, start = divmod(offset + pos, PAGE_SIZE)
-                n = min(PAGE_SIZE - start, length - pos)
-                page = self._pages.get(index)
-                if page is not None:
-                    view[pos : pos + n] = page[start : start + n]
-                elif not fresh:
-                    view[pos : pos + n] = _ZERO_VIEW[:n]
-                pos += n
+    def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
+        return self._view[offset : offset + length].tobytes()
+
+    def pread_into(self, view: memoryview, offset: int) -> None:
+        view[:] = self._view[offset : offset + len(view)]
 
     def read_parts(self, length: int, offset: int) -> list[ReadPart]:
-        """Views of the pages (and of one page of zeroes for holes)."""
-        parts: list[ReadPart] = []
-        pages = self._pages
-        pos = 0
-        while pos < length:
-            index, start = divmod(offset + pos, PAGE_SIZE)
-            n = min(PAGE_SIZE - start, length - pos)
-            page = pages.get(index)
-            parts.append(
-                memoryview(page)[start : start + n] if page is not None else _ZERO_VIEW[:n]
-            )
-            pos += n
-        return parts
+        """One view of the store (holes read as the kernel's zero page)."""
+        return [self._view[offset : offset + length]]
+
+    # ------------------------------------------------------------- writing
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
         src = memoryview(data).cast("B")
-        pos = 0
-        length = len(src)
         with self._lock:
-            while pos < length:
-                index, start = divmod(offset + pos, PAGE_SIZE)
-                n = min(PAGE_SIZE - start, length - pos)
-                page = self._pages.get(index)
-                if page is None:
-                    if not any(src[pos : pos + n]):
-                        pos += n
-                        continue
-                    page = self._pages[index] = bytearray(PAGE_SIZE)
-                page[start : start + n] = src[pos : pos + n]
-                pos += n
+            self._view[offset : offset + len(src)] = src
+            self._mark(len(src), offset)
+
+    def write_view(self, length: int, offset: int) -> memoryview | None:
+        """The store itself: the payload is received where it belongs.
+
+        Its pages are counted as data at once, so that what arrives before
+        the write completes (or before its client vanishes) is never
+        reported as a hole that reads as zero.
+        """
+        with self._lock:
+            self._mark(length, offset)
+        return self._view[offset : offset + length]
+
+    def commit_write(self, length: int, offset: int, fua: bool) -> None:
+        """Count the pages again: a trim from another connection may have forgotten
+        them while the payload was arriving.  Memory needs nothing for FUA."""
+        with self._lock:
+            self._mark(length, offset)
+
+    def _mark(self, length: int, offset: int) -> None:
+        if not length:
+            return
+        first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        if first == last:
+            self._pages.add(first)
+        else:
+            self._pages.update(range(first, last + 1))
 
     def flush(self) -> None:
         """Memory has no volatile cache beyond itself: nothing to do."""
+
+    # ------------------------------------------------------ trimming, zeroing
 
     def trim(self, length: int, offset: int, fua: bool) -> None:
         self._zero_range(length, offset)
 
     def zero(self, length: int, offset: int, *, may_trim: bool, fast: bool, fua: bool) -> None:
-        # Zeroing means forgetting pages: always faster than writing.  With
-        # NBD_CMD_FLAG_NO_HOLE the area "MUST be fully provisioned", so its
-        # pages are allocated (and then read back as data, not holes).
+        # Zeroing means giving pages back: always faster than writing.  With
+        # NBD_CMD_FLAG_NO_HOLE the area "MUST be fully provisioned", so zeroes
+        # are written (and the pages then read back as data, not holes).
         if may_trim:
             self._zero_range(length, offset)
             return
         end = offset + length
         with self._lock:
-            for index in range(offset // PAGE_SIZE, (end - 1) // PAGE_SIZE + 1):
-                page_start = index * PAGE_SIZE
-                lo = max(offset, page_start) - page_start
-                hi = min(end, page_start + PAGE_SIZE) - page_start
-                page = self._pages.get(index)
-                if page is None:
-                    self._pages[index] = bytearray(PAGE_SIZE)
-                else:
-                    page[lo:hi] = bytes(hi - lo)
+            pos = offset
+            while pos < end:
+                n = min(len(_ZEROES), end - pos)
+                self._view[pos : pos + n] = _ZEROES[:n]
+                pos += n
+            self._mark(length, offset)
 
     def _zero_range(self, length: int, offset: int) -> None:
+        """Make a range read as zeroes, giving whole pages back to the kernel."""
+        if not length:
+            return
         end = offset + length
+        first, last = offset // PAGE_SIZE, (end - 1) // PAGE_SIZE
+        # Pages wholly inside the range are forgotten; those it only touches
+        # (at most its first and its last) are zeroed in part.
+        whole_first = first if offset == first * PAGE_SIZE else first + 1
+        whole_last = last if end == self._page_end(last) else last - 1
         with self._lock:
-            first = offset // PAGE_SIZE
-            last = (end - 1) // PAGE_SIZE if length else first - 1
-            if last - first + 1 > len(self._pages):
-                indices = [i for i in self._pages if first <= i <= last]
-            else:
-                indices = [i for i in range(first, last + 1) if i in self._pages]
-            for index in indices:
-                page_start = index * PAGE_SIZE
-                lo = max(offset, page_start) - page_start
-                hi = min(end, page_start + PAGE_SIZE) - page_start
-                page = self._pages[index]
-                if lo == 0 and hi == PAGE_SIZE:
-                    del self._pages[index]
-                    continue
-                page[lo:hi] = bytes(hi - lo)
-                if page == _ZERO_PAGE:
-                    del self._pages[index]
+            for index in {first, last}:
+                if not whole_first <= index <= whole_last:
+                    self._zero_part(index, offset, end)
+            if whole_first <= whole_last:
+                self._release(whole_first, whole_last)
+
+    def _zero_part(self, index: int, offset: int, end: int) -> None:
+        """Zero what of page ``index`` lies in [offset, end); a page left all zero is released."""
+        if index not in self._pages:
+            return  # a hole already reads as zeroes
+        page_start, page_end = index * PAGE_SIZE, self._page_end(index)
+        lo, hi = max(offset, page_start), min(end, page_end)
+        self._view[lo:hi] = _ZEROES[: hi - lo]
+        # (A slice of the mmap is bytes, compared with memcmp; a memoryview
+        # would be compared byte by byte.)
+        if self._memory[page_start:page_end] == _ZERO_PAGE[: page_end - page_start]:
+            self._release(index, index)
+
+    def _release(self, first: int, last: int) -> None:
+        """Forget pages ``first`` to ``last`` and give their memory back."""
+        start = first * PAGE_SIZE
+        if isinstance(self._memory, mmap.mmap):
+            self._memory.madvise(mmap.MADV_DONTNEED, start, self._page_end(last) - start)
+        pages = self._pages
+        if last - first + 1 > len(pages):
+            pages.difference_update([i for i in pages if first <= i <= last])
+        else:
+            pages.difference_update(range(first, last + 1))
+
+    def _page_end(self, index: int) -> int:
+        return min((index + 1) * PAGE_SIZE, self.size)
+
+    # ------------------------------------------------------ allocation status
 
     def extents(self, length: int, offset: int) -> list[Extent]:
         end = min(offset + length, self.size)
@@ -169,4 +234,13 @@ class MemoryBackend(Backend):
 
     @property
     def allocated_bytes(self) -> int:
+        """Bytes of the pages that may hold data (what the export costs, roughly)."""
         return len(self._pages) * PAGE_SIZE
+
+    def close(self) -> None:
+        """Unmap the store, unless a reply still holds a view of it (then the last view
+        unmaps it)."""
+        self._view.release()
+        if isinstance(self._memory, mmap.mmap):
+            with contextlib.suppress(BufferError):
+                self._memory.close()
