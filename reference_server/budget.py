@@ -20,7 +20,9 @@ class ByteBudget:
         self._waiters: dict[Callable[[], None], None] = {}
 
     def try_take(self, nbytes: int) -> bool:
-        if self.used and self.used + nbytes > self.total:
+        """Take ``nbytes`` if they fit; nothing (a request that buffers
+        nothing) always fits, even while one large request overdraws."""
+        if nbytes and self.used and self.used + nbytes > self.total:
             return False
         self.used += nbytes
         return True

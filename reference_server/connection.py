@@ -1,15 +1,15 @@
 """One client connection: runs the sans-IO core over an asyncio transport.
 
-Bytes are received straight into their final buffer (``BufferedProtocol``):
-request headers into a reusable buffer, a write payload into the one buffer
-that will reach the backend.  Requests are served concurrently when the
-backend blocks (a thread pool), and replies may leave out of order ("Protocol
-phases / Transmission": "Replies need not be sent in the same order as
-requests").  Replies leave through replies.py: on a plain socket straight to
-it (socket_writer.py: sendmsg, sendfile), under TLS through the transport.
-Three things stop the connection from reading more: too many requests in
-flight, the server-wide byte budget (budget.py), and a client that does not
-read its replies (8 MiB of them queued, replies.py).
+Bytes are received straight into their final place (``BufferedProtocol``):
+request headers into a reusable buffer, a write payload into the store (a
+``Backend.write_view``) or else into the one buffer that reaches the backend.
+Requests are served concurrently when the backend blocks (a thread pool), and
+replies may leave out of order ("Protocol phases / Transmission": "Replies
+need not be sent in the same order as requests").  Replies leave through
+replies.py: on a plain socket straight to it (socket_writer.py: sendmsg,
+sendfile), under TLS through the transport.  Three things stop the connection
+from reading more: too many requests in flight, the server-wide byte budget
+(budget.py), and a client that does not read its replies (8 MiB of them queued, replies.py).
 """
 
 from __future__ import annotations
@@ -212,6 +212,9 @@ class Connection(asyncio.BufferedProtocol):
         returned += sum(request_cost(event) for event, taken in self._queue if taken)
         self._payload_taken = 0
         self._queue.clear()
+        # A write cut off mid-payload leaves what arrived in the store (Backend.write_view).
+        if self.transmission and self.backend and (landed := self.transmission.abandon_payload()):
+            self.backend.commit_write(*landed, fua=False)
         self._replies.discard()
         self._close_writer()
         budget.give(returned)
@@ -289,7 +292,9 @@ class Connection(asyncio.BufferedProtocol):
         self.context.admission.negotiated(self)
         self._move(Trigger.NEGOTIATED)
         self.backend = self.context.exports[negotiated.export.name].backend
-        self.transmission = Transmission(negotiated, trace=self.tracer)
+        self.transmission = Transmission(
+            negotiated, trace=self.tracer, write_target=self.backend.write_view
+        )
         assert self.transport is not None
         # On a plain socket, replies go straight to it (replies.py).
         self._replies.writer = SocketWriter.for_transport(self.transport, self.resume_writing)
@@ -348,9 +353,9 @@ class Connection(asyncio.BufferedProtocol):
             if type(event) is events.Request:
                 taken = bool(self._payload_taken)
                 self._payload_taken = 0
-                if self.phase is _SHUTTING_DOWN:
-                    # "Terminating the transmission phase": requests received
-                    # during shutdown SHOULD fail with NBD_ESHUTDOWN.
+                if self.phase is _SHUTTING_DOWN and not event.in_store:
+                    # "Terminating the transmission phase": requests received during
+                    # shutdown SHOULD fail with NBD_ESHUTDOWN (one in the store runs).
                     error = tx.replies.error(event.header, Errno.ESHUTDOWN, "server shutting down")
                     self._send(error, request_cost(event) if taken else 0)
                     continue
@@ -472,6 +477,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.closing:
             return
         self._move(Trigger.SERVER_STOPPING)
+        self.transmission.write_target = None  # what is refused must not land
         self._pump()
 
     def close(self) -> None:

@@ -50,7 +50,11 @@ def runs_in_pool(backend: Backend, header: RequestHeader) -> bool:
 
 
 def request_cost(request: Request) -> int:
-    """Bytes a request holds in memory: its payload, or the data a read returns."""
+    """Bytes a request holds in memory: its payload, or the data a read returns.
+
+    A payload received into the store holds none (its event carries no
+    payload): it was never buffered, so it never waits for the budget.
+    """
     header = request.header
     return len(request.payload) + (header.length if header.command == _READ else 0)
 
@@ -73,7 +77,10 @@ def execute(
             return replies.block_status(header, backend.extents(header.length, header.offset))
         fua = bool(header.flags & _FUA)
         if command == _WRITE:
-            backend.pwrite(request.payload, header.offset, fua)
+            if request.in_store:  # the payload was received into the store itself
+                backend.commit_write(header.length, header.offset, fua)
+            else:
+                backend.pwrite(request.payload, header.offset, fua)
         elif command == _FLUSH:
             backend.flush()
         elif command == _TRIM:

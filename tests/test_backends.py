@@ -569,3 +569,87 @@ def test_file_on_disk_blocks_and_has_no_parts(disk: tuple[FileBackend, Path]) ->
         os.close(fd)
     assert b.blocking
     assert b.read_parts(4096, 0) is None
+
+
+# ------------------------------------------------ payloads received in place
+
+
+@pytest.fixture
+def tmpfs_file() -> Iterator[Path]:
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm (tmpfs) here")
+    path = Path("/dev/shm") / f"test-backends-view-{os.getpid()}.raw"
+    _sparse_file(path, SIZE)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_file_on_tmpfs_offers_its_page_cache_as_the_write_view(
+    tmpfs_file: Path, syncs: list[int]
+) -> None:
+    b = FileBackend(str(tmpfs_file))
+    try:
+        offset = 3 * PAGE_SIZE - 7
+        view = b.write_view(len(PATTERN), offset)
+        assert view is not None and len(view) == len(PATTERN) and not view.readonly
+        view[:] = PATTERN
+        # The same page cache that pread and sendfile read: visible at once.
+        assert b.pread(len(PATTERN), offset) == PATTERN
+        with open(tmpfs_file, "rb") as f:
+            f.seek(offset)
+            assert f.read(len(PATTERN)) == PATTERN
+        b.commit_write(len(PATTERN), offset, fua=False)
+        assert syncs == []
+        b.commit_write(len(PATTERN), offset, fua=True)
+        assert len(syncs) == 1, "FUA must still reach fdatasync"
+        data = [(s, n) for s, n, f in allocation(b, 0, SIZE) if not f & StateFlag.ZERO]
+        assert data and data[0][0] <= offset and offset + len(PATTERN) <= sum(data[-1])
+    finally:
+        b.close()
+
+
+def test_file_on_tmpfs_that_cannot_allocate_takes_the_pwrite_path(
+    tmpfs_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full tmpfs would make the page fault a SIGBUS: the view is refused
+    # and pwrite reports ENOSPC for that one write instead.
+    def full(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    b = FileBackend(str(tmpfs_file))
+    try:
+        monkeypatch.setattr(file_backend, "fallocate", full)
+        assert b.write_view(4096, 0) is None
+    finally:
+        b.close()
+
+
+def test_file_without_a_view_read_only_on_disk_or_empty(tmp_path: Path, tmpfs_file: Path) -> None:
+    read_only = FileBackend(str(tmpfs_file), read_only=True)
+    assert read_only.write_view(4096, 0) is None
+    read_only.close()
+    empty = tmpfs_file.with_name(tmpfs_file.name + ".empty")
+    _sparse_file(empty, 0)
+    try:
+        b = FileBackend(str(empty))
+        assert b.write_view(0, 0) is None
+        b.close()
+    finally:
+        empty.unlink()
+    disk = FileBackend(str(_sparse_file(tmp_path / "d.raw", SIZE)))
+    try:
+        if disk.blocking:  # a page fault there would wait for the device
+            assert disk.write_view(4096, 0) is None
+    finally:
+        disk.close()
+
+
+def test_file_close_with_a_view_still_held_is_harmless(tmpfs_file: Path) -> None:
+    b = FileBackend(str(tmpfs_file))
+    view = b.write_view(4096, 0)
+    assert view is not None
+    b.close()  # the mapping stays until the last view goes
+    view[:3] = b"abc"
+    del view
+    with open(tmpfs_file, "rb") as f:
+        assert f.read(3) == b"abc"

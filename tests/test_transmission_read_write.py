@@ -15,7 +15,17 @@ from reference_server.protocol.constants import ChunkType, Command, Errno, State
 from reference_server.protocol.events import NeedData
 from reference_server.protocol.events import Request as RequestEvent
 from reference_server.protocol.export import BlockSizes, ExportInfo
-from tests.transmission_driver import DF, FUA, NO_HOLE, PATTERN, SIZE, Conn, conn, negotiate
+from tests.transmission_driver import (
+    DF,
+    FUA,
+    NO_HOLE,
+    PATTERN,
+    PAYLOAD_LEN,
+    SIZE,
+    Conn,
+    conn,
+    negotiate,
+)
 
 # -------------------------------------------------------------------- READ
 
@@ -219,6 +229,113 @@ def test_write_payload_received_through_payload_buffer() -> None:
     [reply] = c.parse(b"".join(bytes(b) for b in execute(c.tx.replies, event, c.backend)))
     assert reply.error == 0
     assert c.read(4096, len(data)) == data
+
+
+# ------------------------------------------------- WRITE received in place
+
+
+class Targets:
+    """A write_target that records what it was asked for, over a backend's views."""
+
+    def __init__(self, c: Conn) -> None:
+        self.asked: list[tuple[int, int]] = []
+        self._backend = c.backend
+        c.tx.write_target = self
+
+    def __call__(self, length: int, offset: int) -> memoryview | None:
+        self.asked.append((length, offset))
+        return self._backend.write_view(length, offset)
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_write_payload_received_into_the_store(extended: bool) -> None:
+    c = conn(extended=extended)
+    targets = Targets(c)
+    data = bytes(range(256)) * 40
+    flags = PAYLOAD_LEN if extended else 0
+    header = c.request(Command.WRITE, 4096, len(data), flags=flags)
+    c.tx.receive_data(header + data[:100])  # some payload arrives with the header
+    assert isinstance(c.tx.next_event(), NeedData)
+    assert targets.asked == [(len(data), 4096)]
+    assert c.tx.pending_payload == 0, "a payload received in place needs no memory"
+    assert c.backend.pread(100, 4096) == data[:100], "what came with the header went first"
+    pos = 100
+    while (view := c.tx.payload_buffer()) is not None:
+        n = min(len(view), 999)
+        view[:n] = data[pos : pos + n]
+        c.tx.payload_received(n)
+        pos += n
+        assert c.backend.pread(n, 4096 + pos - n) == data[pos - n : pos], "it is the store"
+        event = c.tx.next_event()
+        if pos < len(data):
+            assert isinstance(event, NeedData)
+    assert pos == len(data)
+    assert isinstance(event, RequestEvent)
+    assert event.in_store and event.payload == b""
+    [reply] = c.parse(b"".join(bytes(b) for b in execute(c.tx.replies, event, c.backend)))
+    assert reply.error == 0
+    assert c.read(4096, len(data)) == data
+
+
+def test_writes_pipelined_in_one_piece_and_byte_by_byte_land_in_the_store() -> None:
+    c = conn(structured=True, in_store=True)
+    writes = [(i * 3000 + 7, bytes([i + 1]) * (500 + 100 * i)) for i in range(6)]
+    stream = b"".join(c.request(Command.WRITE, off, len(d), data=d) for off, d in writes)
+    stream += c.request(Command.READ, 7, 3000)
+    replies = c.parse(c.feed(stream))
+    assert [r.error for r in replies if r.simple] == [0] * len(writes)
+    for off, data in writes:
+        assert c.backend.pread(len(data), off) == data
+    trickle = c.request(Command.WRITE, 100000, 300, data=b"\x55" * 300)
+    out = b"".join(c.feed(trickle[i : i + 1]) for i in range(len(trickle)))
+    assert [r.error for r in c.parse(out)] == [0]
+    assert c.read(100000, 300) == b"\x55" * 300
+
+
+def test_abandoned_write_reports_the_prefix_that_landed() -> None:
+    c = conn(in_store=True)
+    c.tx.receive_data(c.request(Command.WRITE, 8192, 4096) + b"\xee" * 10)
+    assert isinstance(c.tx.next_event(), NeedData)
+    view = c.tx.payload_buffer()
+    assert view is not None and len(view) == 4086
+    view[:90] = b"\xee" * 90
+    c.tx.payload_received(90)
+    assert isinstance(c.tx.next_event(), NeedData)
+    assert c.tx.abandon_payload() == (100, 8192)
+    assert c.tx.abandon_payload() is None, "abandoned once"
+    assert c.backend.pread(101, 8192) == b"\xee" * 100 + b"\0"
+
+
+def test_abandoned_buffered_write_leaves_nothing() -> None:
+    c = conn()  # no write_target: the payload goes to a buffer
+    c.tx.receive_data(c.request(Command.WRITE, 0, 4096) + b"\xee" * 10)
+    assert isinstance(c.tx.next_event(), NeedData)
+    assert c.tx.abandon_payload() is None
+    assert c.backend.pread(10, 0) == bytes(10)
+
+
+@pytest.mark.parametrize(
+    ("export", "offset", "flags", "error"),
+    [
+        (ExportInfo("", SIZE, read_only=True), 0, 0, Errno.EPERM),
+        (ExportInfo("", SIZE), SIZE - 10, 0, Errno.ENOSPC),
+        (ExportInfo("", SIZE), 0, 1 << 12, Errno.EINVAL),
+    ],
+    ids=["read-only", "beyond-the-end", "unknown-flag"],
+)
+def test_a_rejected_write_never_asks_for_the_store(
+    export: ExportInfo, offset: int, flags: int, error: Errno
+) -> None:
+    c = conn(export)
+    targets = Targets(c)
+    data = b"\xee" * 4096
+    raw = c.request(Command.WRITE, offset, len(data), flags=flags, data=data)
+    out = b"".join(c.feed(raw[i : i + 700]) for i in range(0, len(raw), 700))
+    [reply] = c.parse(out)
+    assert reply.error == error
+    assert targets.asked == [], "a view of the store was asked for a rejected write"
+    assert c.backend.pread(SIZE, 0) == bytes(SIZE)
+    assert c.tx.abandon_payload() is None
 
 
 def test_write_payload_split_across_receive_data_calls_then_next_request() -> None:

@@ -27,7 +27,8 @@ from conformance.wire.messages import (
     pack_request,
 )
 from reference_server import connection as connection_module
-from reference_server.backends.memory import MemoryBackend
+from reference_server.backends.base import Backend
+from reference_server.backends.memory import PAGE_SIZE, MemoryBackend
 from reference_server.budget import ByteBudget
 from reference_server.connection import Connection
 from reference_server.connection_phases import CONNECTION_TRANSITIONS, Phase, Trigger
@@ -110,7 +111,14 @@ class FakeTransport(asyncio.Transport):
 class Harness:
     """A server context without a server: what a Connection is given, plus its clock."""
 
-    def __init__(self, *, shared: int = 0, persistent: bool = True, **limits: Any) -> None:
+    def __init__(
+        self,
+        *,
+        shared: int = 0,
+        persistent: bool = True,
+        backend: Backend | None = None,
+        **limits: Any,
+    ) -> None:
         self.limits = ServerLimits(**limits)
         self.stopped: list[str] = []
         admission = self.limits.admission(shared=shared, persistent=persistent)
@@ -118,7 +126,7 @@ class Harness:
         self.gate = AdmissionGate(
             admission, lambda: self.stopped.append("last client left"), clock=lambda: self.time
         )
-        self.backend = MemoryBackend(SIZE)
+        self.backend = backend or MemoryBackend(SIZE)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.context = ConnectionContext(
             exports={"": Export(ExportInfo(name="", size=SIZE), self.backend)},
@@ -319,6 +327,33 @@ def test_newcomers_beyond_max_handshaking_evict_nobody() -> None:
     run(scenario, max_handshaking=1)
 
 
+class BufferedMemory(MemoryBackend):
+    """A memory backend that offers no view: payloads are buffered, then pwritten."""
+
+    def write_view(self, length: int, offset: int) -> memoryview | None:
+        return None
+
+
+class InStoreOnly(MemoryBackend):
+    """A memory backend whose writes must all be received in place (pwrite is a bug)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.views: list[tuple[int, int]] = []
+        self.commits: list[tuple[int, int, bool]] = []
+
+    def write_view(self, length: int, offset: int) -> memoryview | None:
+        self.views.append((length, offset))
+        return super().write_view(length, offset)
+
+    def commit_write(self, length: int, offset: int, fua: bool) -> None:
+        self.commits.append((length, offset, fua))
+        super().commit_write(length, offset, fua)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int, fua: bool) -> None:
+        raise AssertionError("a payload received in place was copied again")
+
+
 def test_hard_disconnect_mid_payload_gives_the_budget_back() -> None:
     async def scenario(h: Harness) -> None:
         c, t = h.connect()
@@ -331,7 +366,142 @@ def test_hard_disconnect_mid_payload_gives_the_budget_back() -> None:
         assert h.context.budget.used == 0
         assert c.phase is Phase.CLOSED
 
-    run(scenario)
+    run(scenario, backend=BufferedMemory(SIZE))
+
+
+# ------------------------------------------------- writes received in place
+
+
+def send_in_pieces(t: FakeTransport, data: bytes, piece: int) -> None:
+    """Deliver DATA a few bytes at a time, as many small recv calls would."""
+    for start in range(0, len(data), piece):
+        t.send(data[start : start + piece])
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, 1 << 20], ids=lambda n: f"{n}-byte-reads")
+def test_a_write_payload_lands_in_the_store_without_a_buffer(piece: int) -> None:
+    data = bytes(i % 251 for i in range(3 * PAGE_SIZE + 5))
+    backend = InStoreOnly(SIZE)
+
+    async def scenario(h: Harness) -> None:
+        _, t = h.connect()
+        greeted(t)
+        go(t)
+        offset = PAGE_SIZE - 3
+        request = pack_request(Cmd.WRITE, offset, len(data), cookie=1, payload=data)
+        send_in_pieces(t, request, piece)
+        assert h.context.budget.used == 0, "a payload received in place costs no budget"
+        assert simple_reply(t)[:2] == (Errno.OK, 1)
+        assert backend.views == [(len(data), offset)]
+        assert backend.commits == [(len(data), offset, False)]
+        assert backend.pread(len(data), offset) == data
+        t.send(pack_request(Cmd.READ, offset, len(data), cookie=2))
+        assert simple_reply(t, len(data)) == (Errno.OK, 2, data)
+        assert t.written == b""
+
+    run(scenario, backend=backend)
+
+
+def test_pipelined_writes_that_arrive_with_their_headers_land_in_place() -> None:
+    backend = InStoreOnly(SIZE)
+
+    async def scenario(h: Harness) -> None:
+        _, t = h.connect()
+        greeted(t)
+        go(t)
+        writes = [(i * 5000, bytes([i + 1]) * (100 + i)) for i in range(8)]
+        burst = b"".join(
+            pack_request(Cmd.WRITE, off, len(data), cookie=i, payload=data, flags=1)  # FUA
+            for i, (off, data) in enumerate(writes)
+        )
+        t.send(burst)  # one recv: every header with its payload
+        for i in range(len(writes)):
+            assert simple_reply(t)[:2] == (Errno.OK, i)
+        assert [c[2] for c in backend.commits] == [True] * len(writes), "FUA reaches the commit"
+        for off, data in writes:
+            assert backend.pread(len(data), off) == data
+
+    run(scenario, backend=backend)
+
+
+def test_a_write_cut_off_mid_payload_leaves_its_prefix_and_nothing_else() -> None:
+    # The lead's decision (Backend.write_view): the part that arrived stays;
+    # the write never completed, so nothing was promised about its range.
+    backend = InStoreOnly(SIZE)
+
+    async def scenario(h: Harness) -> None:
+        _, g = h.connect()
+        greeted(g)
+        go(g)
+        g.send(pack_request(Cmd.WRITE, 0, 4096, cookie=1, payload=b"\x11" * 4096))
+        assert simple_reply(g)[:2] == (Errno.OK, 1)
+        c, t = h.connect()
+        greeted(t)
+        go(t)
+        offset = 4 * PAGE_SIZE - 10
+        t.send(pack_request(Cmd.WRITE, offset, 65536, cookie=1) + b"\xee" * 1000)
+        t.close()
+        await settle()
+        assert c.phase is Phase.CLOSED and h.context.budget.used == 0
+        assert backend.pread(1000, offset) == b"\xee" * 1000, "the prefix that arrived"
+        assert backend.pread(65536 - 1000, offset + 1000) == bytes(65536 - 1000)
+        assert backend.pread(4096, 0) == b"\x11" * 4096, "the rest of the store is intact"
+        # The prefix is committed: its pages are data, never holes claiming zeroes.
+        assert backend.commits == [(4096, 0, False), (1000, offset, False)]
+        first = offset // PAGE_SIZE * PAGE_SIZE
+        assert backend.extents(PAGE_SIZE, first)[0].flags == 0
+        # The other client, and a new one, are served as before.
+        g.send(pack_request(Cmd.READ, offset, 1000, cookie=2))
+        assert simple_reply(g, 1000) == (Errno.OK, 2, b"\xee" * 1000)
+        _, n = h.connect()
+        greeted(n)
+        go(n)
+        n.send(pack_request(Cmd.READ, 0, 4096, cookie=3))
+        assert simple_reply(n, 4096) == (Errno.OK, 3, b"\x11" * 4096)
+
+    run(scenario, backend=backend)
+
+
+@pytest.mark.parametrize("why", ["beyond-the-end", "bad-flag"])
+def test_a_rejected_write_is_discarded_and_never_touches_the_store(why: str) -> None:
+    backend = InStoreOnly(SIZE)
+
+    async def scenario(h: Harness) -> None:
+        _, t = h.connect()
+        greeted(t)
+        go(t)
+        offset, flags = (SIZE - 100, 0) if why == "beyond-the-end" else (0, 1 << 10)
+        send_in_pieces(
+            t, pack_request(Cmd.WRITE, offset, 4096, cookie=1, flags=flags) + b"\xee" * 4096, 1000
+        )
+        error, cookie, _ = simple_reply(t)
+        assert cookie == 1 and error in (Errno.ENOSPC, Errno.EINVAL)
+        assert backend.views == [], "a store view was asked for a rejected write"
+        assert backend.pread(SIZE, 0) == bytes(SIZE)
+        t.send(pack_request(Cmd.WRITE, 0, 3, cookie=2, payload=b"abc"))
+        assert simple_reply(t)[:2] == (Errno.OK, 2), "the payload was not skipped exactly"
+
+    run(scenario, backend=backend)
+
+
+def test_a_write_begun_before_shutdown_completes_and_one_after_is_refused() -> None:
+    backend = InStoreOnly(SIZE)
+
+    async def scenario(h: Harness) -> None:
+        c, t = h.connect()
+        greeted(t)
+        go(t)
+        t.send(pack_request(Cmd.WRITE, 0, 4096, cookie=1) + b"\x01" * 100)
+        c.begin_shutdown()
+        t.send(b"\x01" * 3996)
+        assert simple_reply(t)[:2] == (Errno.OK, 1), "its bytes are in the store: it ran"
+        t.send(pack_request(Cmd.WRITE, 8192, 4096, cookie=2, payload=b"\x02" * 4096))
+        assert simple_reply(t)[:2] == (Errno.ESHUTDOWN, 2)
+        assert backend.pread(4096, 0) == b"\x01" * 4096
+        assert backend.pread(4096, 8192) == bytes(4096), "a refused write landed"
+        assert backend.views == [(4096, 0)]
+
+    run(scenario, backend=backend)
 
 
 # ----------------------------------------------------------------- admission

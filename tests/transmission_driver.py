@@ -244,10 +244,16 @@ def conn(
     structured: bool = False,
     extended: bool = False,
     meta: bool = False,
+    in_store: bool = False,
 ) -> Conn:
+    """A negotiated connection to a fresh MemoryBackend; with ``in_store``, write
+    payloads are received straight into it (``Backend.write_view``), as the server does."""
     export = export or ExportInfo("", SIZE)
     tx = negotiate(export, structured=structured, extended=extended, meta=meta)
-    return Conn(tx, MemoryBackend(export.size))
+    backend = MemoryBackend(export.size)
+    if in_store:
+        tx.write_target = backend.write_view
+    return Conn(tx, backend)
 
 
 PATTERN = bytes(range(256)) * 16  # 4 KiB

@@ -2,13 +2,18 @@
 
 FLUSH and FUA call fdatasync(); TRIM and zeroing punch holes with fallocate()
 where the filesystem can; base:allocation comes from SEEK_DATA/SEEK_HOLE.
+A file on tmpfs is memory: its reads are sent from the page cache and its
+write payloads are received into a shared mapping of it (the page cache
+again), so neither is copied in Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import stat
 
@@ -86,6 +91,18 @@ class FileBackend(Backend):
         # from the page cache (read_parts).
         self._in_memory = self._regular and on_memory_filesystem(self._fd)
         self.blocking = not self._in_memory
+        # On tmpfs, write payloads are received into a shared mapping of the
+        # file.  (On a disk a page fault would wait for the device, on the
+        # event loop: those files keep pwrite.)
+        self._mapping: mmap.mmap | None = None
+        self._mapped: memoryview | None = None
+        if self._in_memory and not read_only and self.size:
+            try:
+                self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
+            except (OSError, ValueError, OverflowError):
+                pass  # beyond the address space: pwrite it is
+            else:
+                self._mapped = memoryview(self._mapping)
 
     def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
         data = os.pread(self._fd, length, offset)
@@ -120,6 +137,33 @@ class FileBackend(Backend):
             written = os.pwrite(self._fd, view, offset)
             view = view[written:]
             offset += written
+        if fua:
+            os.fdatasync(self._fd)
+
+    def write_view(self, length: int, offset: int) -> memoryview | None:
+        """The page cache of a file on tmpfs, through a shared mapping.
+
+        Its pages are allocated first (``fallocate``): a page that tmpfs
+        cannot allocate when the payload arrives would be a SIGBUS for the
+        process (or EFAULT for the socket read), where a full tmpfs must be
+        one write's ENOSPC.  So when allocating fails, the write takes the
+        pwrite path and fails there, as on any file.  (A file truncated
+        underneath the export can still fault; the export's size is fixed
+        when it is opened.)
+        """
+        mapped = self._mapped
+        if mapped is None or not length:
+            return None
+        try:
+            fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return None  # ENOSPC above all: pwrite reports it
+            # ramfs cannot fallocate, and has no size limit to run into.
+        return mapped[offset : offset + length]
+
+    def commit_write(self, length: int, offset: int, fua: bool) -> None:
+        """The bytes are in the page cache already; FUA only needs fdatasync."""
         if fua:
             os.fdatasync(self._fd)
 
@@ -225,6 +269,14 @@ class FileBackend(Backend):
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
+        if self._mapped is not None:
+            self._mapped.release()
+            self._mapped = None
+        if self._mapping is not None:
+            # Unless a reply or a payload still holds a view: the last one unmaps it.
+            with contextlib.suppress(BufferError):
+                self._mapping.close()
+            self._mapping = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

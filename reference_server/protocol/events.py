@@ -47,11 +47,15 @@ class Request(NamedTuple):
 
     ``header`` holds the request message's fields (its command is a
     ``constants.Command``); ``payload`` holds the data of NBD_CMD_WRITE and
-    is empty otherwise.  A named tuple: one is made per request.
+    is empty otherwise.  ``in_store`` says the write's payload was received
+    straight into the store (``Transmission.write_target``): it is already
+    in place, ``payload`` is empty, and only the commit step remains.  A
+    named tuple: one is made per request.
     """
 
     header: RequestHeader
     payload: bytes | bytearray | memoryview = b""
+    in_store: bool = False
 
 
 Event = NeedData | StartTLS | EnterTransmission | Close | Request

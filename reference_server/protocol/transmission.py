@@ -17,6 +17,7 @@ changed only through ``TRANSMISSION_TRANSITIONS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import wire
@@ -41,7 +42,12 @@ from .phases import (
 from .reply_builder import Buffer, ReplyBuilder, Tracer, nbd_error
 from .wire import RequestHeader
 
-__all__ = ["Buffer", "RequestRejected", "Transmission", "nbd_error"]
+__all__ = ["Buffer", "RequestRejected", "Transmission", "WriteTarget", "nbd_error"]
+
+#: Where a validated write's payload may be received in place: given its
+#: length and offset, a writable view of the store, or None
+#: (``Backend.write_view``; the core only ever calls it, never storage itself).
+WriteTarget = Callable[[int, int], memoryview | None]
 
 
 # Commands whose range must lie inside the export, and the error when it does
@@ -89,8 +95,12 @@ class Transmission:
         negotiated: Negotiated,
         *,
         trace: Tracer | None = None,
+        write_target: WriteTarget | None = None,
     ) -> None:
         self.negotiated = negotiated
+        #: Asked for a view of the store for each accepted NBD_CMD_WRITE (None:
+        #: never; the transport may clear it, e.g. once it is shutting down).
+        self.write_target = write_target
         self._export = negotiated.export
         self._flags = negotiated.flags
         self._structured = negotiated.structured_replies
@@ -120,13 +130,15 @@ class Transmission:
         self._expected_magic = EXTENDED_REQUEST_MAGIC if self._extended else REQUEST_MAGIC
         # The phase changes only through TRANSMISSION_TRANSITIONS (phases.py).
         self._phases = PhaseMachine(TRANSMISSION_TRANSITIONS)
-        # RECEIVING_PAYLOAD: the write whose payload is being received.  Its
-        # buffer is allocated at its exact size only when its first bytes are
-        # received (see payload_buffer), so a transport can hold back a large
-        # payload until it has memory for it.
+        # RECEIVING_PAYLOAD: the write whose payload is being received.  Either
+        # into the store itself (a view from write_target: _in_store), or into
+        # a buffer allocated at its exact size only when its first bytes are
+        # received (see payload_buffer), so that a transport can hold back a
+        # large payload until it has memory for it.
         self._payload_header: RequestHeader | None = None
         self._payload_length = 0
-        self._payload: bytearray | None = None
+        self._payload: bytearray | memoryview | None = None
+        self._in_store = False
         self._filled = 0
         # DISCARDING_PAYLOAD: bytes of a rejected request's payload still to
         # skip, and its error reply, sent once the last of them is read.
@@ -165,9 +177,10 @@ class Transmission:
     def payload_buffer(self) -> memoryview | None:
         """Where the rest of the current write payload should be received, if anywhere.
 
-        Lets a transport read a payload straight into its final buffer (one
-        copy) instead of through :meth:`receive_data`.  The first call
-        allocates the buffer.
+        Lets a transport read a payload straight into its final place: the
+        store itself when ``write_target`` offered a view of it (no copy at
+        all), else a buffer for the backend (one copy), which the first call
+        allocates.
         """
         if self._phases.phase is not _RECEIVING_PAYLOAD or self._filled == self._payload_length:
             return None
@@ -179,8 +192,26 @@ class Transmission:
 
     @property
     def pending_payload(self) -> int:
-        """Size of the write payload being received (0 when none)."""
-        return self._payload_length if self._phases.phase is _RECEIVING_PAYLOAD else 0
+        """Bytes of memory the write payload being received needs (0 when none,
+        or when it is received into the store, which costs nothing more)."""
+        if self._phases.phase is not _RECEIVING_PAYLOAD or self._in_store:
+            return 0
+        return self._payload_length
+
+    def abandon_payload(self) -> tuple[int, int] | None:
+        """The connection is lost: drop the write being received.
+
+        Returns (length, offset) of what of it already landed in the store,
+        if it was received there: that prefix stays (the transport commits
+        it, so the store's bookkeeping covers it).  The write never completed,
+        so nothing was promised about its range, as for a disk write cut by
+        a power failure.
+        """
+        header, landed = self._payload_header, self._filled if self._in_store else 0
+        self._payload_header, self._payload, self._in_store = None, None, False
+        if header is None or not landed:
+            return None
+        return landed, header.offset
 
     def _payload_target(self) -> memoryview:
         if self._payload is None:
@@ -240,6 +271,11 @@ class Transmission:
                 continue
             if not payload_length:
                 return Request(request, b"")
+            target = self.write_target
+            if target is not None and request.command == _WRITE:
+                view = target(payload_length, request.offset)
+                if view is not None:
+                    return self._receive_in_store(request, view)
             if len(self._in) >= payload_length:
                 # All of it arrived with the header: no separate buffer needed.
                 payload = bytes(self._in[:payload_length])
@@ -251,11 +287,30 @@ class Transmission:
             self._filled = 0
             return self._payload_event()
 
+    def _receive_in_store(self, request: RequestHeader, view: memoryview) -> Request | NeedData:
+        """Receive a write's payload into ``view``, starting with what came with its header."""
+        n = min(len(self._in), len(view))
+        view[:n] = self._in[:n]
+        del self._in[:n]
+        if n == len(view):
+            return Request(request, b"", True)
+        self._phases.fire(TransmissionTrigger.PAYLOAD_EXPECTED)
+        self._payload_header, self._payload_length = request, len(view)
+        self._payload, self._filled, self._in_store = view, n, True
+        return NeedData()
+
     def _payload_event(self) -> Request | NeedData:
         """The pending write, once all of its payload is here."""
         assert self._payload_header is not None
         length = self._payload_length
         payload: Buffer
+        if self._in_store:
+            if self._filled < length:
+                return NeedData()
+            self._phases.fire(TransmissionTrigger.PAYLOAD_RECEIVED)
+            event = Request(self._payload_header, b"", True)
+            self._payload_header, self._payload, self._in_store = None, None, False
+            return event
         if self._payload is None:
             if len(self._in) < length:
                 return NeedData()
