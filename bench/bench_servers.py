@@ -23,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,41 @@ class Server:
     def rss(self) -> int | None:
         """VmRSS in bytes: resident memory now."""
         return self._status("VmRSS")
+
+    def private_rss(self) -> int | None:
+        """RssAnon + RssFile in bytes: resident memory now, without RssShmem.
+
+        RssShmem counts the pages of tmpfs files the server has mapped: for
+        the reference server on a file in /dev/shm, the served file itself
+        (its page cache, which exists whether or not it is mapped), not
+        memory held for requests.
+        """
+        anon, file = self._status("RssAnon"), self._status("RssFile")
+        return None if anon is None or file is None else anon + file
+
+    @contextlib.contextmanager
+    def sampling_private_peak(self, period: float = 0.005) -> Iterator[list[int]]:
+        """Sample :meth:`private_rss` every ``period`` seconds while the block runs;
+        the list yielded holds the highest value seen (the kernel keeps no peak
+        of it, only VmHWM of everything resident)."""
+        peak: list[int] = []
+        done = threading.Event()
+
+        def sample() -> None:
+            while True:
+                now = self.private_rss()
+                if now is not None and (not peak or now > peak[0]):
+                    peak[:] = [now]
+                if done.wait(period):
+                    return
+
+        thread = threading.Thread(target=sample, name="private-rss", daemon=True)
+        thread.start()
+        try:
+            yield peak
+        finally:
+            done.set()
+            thread.join(timeout=10)
 
     def cpu_seconds(self) -> float:
         """User and system CPU time of the server process (all its threads) so far."""

@@ -24,7 +24,11 @@ Peak RSS is VmHWM from /proc at the end.
 
 A second section (``--no-rss-check`` skips it) starts fresh servers and
 sends 32 MiB writes then reads over 4 connections at iodepth 2, the
-memory-bound scenario, and reports each server's peak RSS.  The last
+memory-bound scenario, and reports each server's peak RSS, and beside it
+the peak of RssAnon + RssFile sampled every 5 ms: resident memory without
+RssShmem, the mapped pages of a tmpfs image (the reference server receives
+writes into a mapping of its file on tmpfs: those pages are the file's own
+page cache, not memory held for requests).  The last
 (``--no-scaling`` skips it) is the scaling table of ``bench/scaling.py``:
 throughput at 1, 4 and 16 connections, memory per idle connection, time to
 first byte under load.
@@ -62,6 +66,8 @@ class Results:
     cpu: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     rss: dict[str, int | None] = field(default_factory=dict)
     big_rss: dict[str, int | None] = field(default_factory=dict)
+    # Sampled peak of RssAnon + RssFile: without the mapped pages of a tmpfs image.
+    big_private: dict[str, int | None] = field(default_factory=dict)
     big_mibs: dict[str, dict[str, float]] = field(default_factory=dict)
     load: dict[str, float] = field(default_factory=dict)  # 1-minute load average
     scaling: scaling.Scaling | None = None
@@ -135,6 +141,8 @@ def print_table(results: Results, out: Callable[[str], None] = print) -> None:
             out(job.name.ljust(width) + "".join(c.rjust(col) for c in cells))
         cells = (_mib(results.big_rss.get(n)) for n in names)
         out("peak RSS MiB".ljust(width) + "".join(c.rjust(col) for c in cells))
+        cells = (_mib(results.big_private.get(n)) for n in names)
+        out("  without tmpfs pages".ljust(width) + "".join(c.rjust(col) for c in cells))
     if results.scaling is not None:
         out("")
         scaling.print_table(results.scaling, names, out)
@@ -256,11 +264,17 @@ def run(args: argparse.Namespace) -> Results:
             for name in names:
                 with running(args, [name], workdir, "rss") as servers:
                     server = servers[name]
-                    results.big_mibs[name] = {
-                        job.name: run_fio(args, server, job).mib_s for job in RSS_JOBS
-                    }
+                    with server.sampling_private_peak() as private:
+                        results.big_mibs[name] = {
+                            job.name: run_fio(args, server, job).mib_s for job in RSS_JOBS
+                        }
                     results.big_rss[name] = server.peak_rss()
-                    print(f"  32M {name:15} peak RSS {_mib(results.big_rss[name])} MiB", flush=True)
+                    results.big_private[name] = private[0] if private else None
+                    print(
+                        f"  32M {name:15} peak RSS {_mib(results.big_rss[name])} MiB"
+                        f" ({_mib(results.big_private[name])} MiB without tmpfs pages)",
+                        flush=True,
+                    )
         if not args.no_scaling:
             results.scaling = scaling.measure(
                 args, names, workdir, lambda line: print(line, flush=True)
@@ -296,7 +310,11 @@ def save_json(args: argparse.Namespace, results: Results, path: str) -> None:
         "server_cpu_us_per_request": results.cpu,
         "peak_rss_bytes": results.rss,
         "load_average": results.load,
-        "big_requests": {"mib_s": results.big_mibs, "peak_rss_bytes": results.big_rss},
+        "big_requests": {
+            "mib_s": results.big_mibs,
+            "peak_rss_bytes": results.big_rss,
+            "peak_private_rss_bytes_sampled": results.big_private,
+        },
     }
     if results.scaling is not None:
         data["scaling"] = {

@@ -19,6 +19,7 @@ from reference_server.backends import file as file_backend
 from reference_server.backends.base import Backend, Extent, FileRegion
 from reference_server.backends.file import FileBackend
 from reference_server.backends.memory import PAGE_SIZE, MemoryBackend
+from reference_server.backends.tmpfs_mapping import CHUNK
 from reference_server.protocol.constants import StateFlag
 
 SIZE = 4 * 1024 * 1024
@@ -653,3 +654,31 @@ def test_file_close_with_a_view_still_held_is_harmless(tmpfs_file: Path) -> None
     del view
     with open(tmpfs_file, "rb") as f:
         assert f.read(3) == b"abc"
+
+
+def test_file_on_tmpfs_allocates_each_chunk_once_until_it_is_trimmed(
+    tmpfs_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real = file_backend.fallocate
+
+    def counting(fd: int, mode: int, offset: int, length: int) -> None:
+        if mode == file_backend.FALLOC_FL_KEEP_SIZE:  # allocating, not punching
+            calls.append((offset, length))
+        real(fd, mode, offset, length)
+
+    monkeypatch.setattr(file_backend, "fallocate", counting)
+    b = FileBackend(str(tmpfs_file))
+    try:
+        assert b.write_view(4096, CHUNK + 100) is not None
+        assert calls == [(CHUNK, CHUNK)], "a write allocates the whole chunks it touches"
+        assert b.write_view(100, CHUNK + 5000) is not None
+        assert b.write_view(4096, CHUNK) is not None
+        assert len(calls) == 1, "a rewrite of allocated chunks costs no system call"
+        assert b.write_view(2 * CHUNK, CHUNK) is not None
+        assert calls[1:] == [(CHUNK, 2 * CHUNK)]
+        b.trim(10, CHUNK + 3, fua=False)  # punches part of the first chunk
+        assert b.write_view(4096, CHUNK) is not None
+        assert calls[2:] == [(CHUNK, CHUNK)], "a trimmed chunk is allocated again"
+    finally:
+        b.close()

@@ -4,7 +4,7 @@ FLUSH and FUA call fdatasync(); TRIM and zeroing punch holes with fallocate()
 where the filesystem can; base:allocation comes from SEEK_DATA/SEEK_HOLE.
 A file on tmpfs is memory: its reads are sent from the page cache and its
 write payloads are received into a shared mapping of it (the page cache
-again), so neither is copied in Python.
+again, tmpfs_mapping.py), so neither is copied in Python.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import mmap
 import os
 import stat
 
 from ..protocol.constants import StateFlag
 from .base import Backend, Extent, FileRegion, ReadPart
+from .tmpfs_mapping import TmpfsMapping
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -92,17 +92,12 @@ class FileBackend(Backend):
         self._in_memory = self._regular and on_memory_filesystem(self._fd)
         self.blocking = not self._in_memory
         # On tmpfs, write payloads are received into a shared mapping of the
-        # file.  (On a disk a page fault would wait for the device, on the
-        # event loop: those files keep pwrite.)
-        self._mapping: mmap.mmap | None = None
-        self._mapped: memoryview | None = None
+        # file (tmpfs_mapping.py); elsewhere a page fault would wait for the
+        # device on the event loop, so those files keep pwrite.
+        self._mapping: TmpfsMapping | None = None
         if self._in_memory and not read_only and self.size:
-            try:
-                self._mapping = mmap.mmap(self._fd, self.size, flags=mmap.MAP_SHARED)
-            except (OSError, ValueError, OverflowError):
-                pass  # beyond the address space: pwrite it is
-            else:
-                self._mapped = memoryview(self._mapping)
+            with contextlib.suppress(OSError, ValueError, OverflowError):  # pwrite it is
+                self._mapping = TmpfsMapping(self._fd, self.size, self._allocate)
 
     def pread(self, length: int, offset: int) -> bytes | bytearray | memoryview:
         data = os.pread(self._fd, length, offset)
@@ -141,26 +136,13 @@ class FileBackend(Backend):
             os.fdatasync(self._fd)
 
     def write_view(self, length: int, offset: int) -> memoryview | None:
-        """The page cache of a file on tmpfs, through a shared mapping.
-
-        Its pages are allocated first (``fallocate``): a page that tmpfs
-        cannot allocate when the payload arrives would be a SIGBUS for the
-        process (or EFAULT for the socket read), where a full tmpfs must be
-        one write's ENOSPC.  So when allocating fails, the write takes the
-        pwrite path and fails there, as on any file.  (A file truncated
-        underneath the export can still fault; the export's size is fixed
-        when it is opened.)
-        """
-        mapped = self._mapped
-        if mapped is None or not length:
+        """On tmpfs, the file's page cache itself (see tmpfs_mapping.py)."""
+        if self._mapping is None or not length:
             return None
-        try:
-            fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                return None  # ENOSPC above all: pwrite reports it
-            # ramfs cannot fallocate, and has no size limit to run into.
-        return mapped[offset : offset + length]
+        return self._mapping.write_view(length, offset)
+
+    def _allocate(self, offset: int, length: int) -> None:
+        fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length)
 
     def commit_write(self, length: int, offset: int, fua: bool) -> None:
         """The bytes are in the page cache already; FUA only needs fdatasync."""
@@ -201,6 +183,8 @@ class FileBackend(Backend):
     def _try_fallocate(self, capability: str, mode: int, offset: int, length: int) -> bool:
         if getattr(self, capability) is False or length == 0:
             return length == 0
+        if self._mapping is not None:
+            self._mapping.forget(length, offset)  # its pages may be given back
         try:
             fallocate(self._fd, mode, offset, length)
         except OSError as exc:
@@ -269,13 +253,8 @@ class FileBackend(Backend):
         os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        if self._mapped is not None:
-            self._mapped.release()
-            self._mapped = None
         if self._mapping is not None:
-            # Unless a reply or a payload still holds a view: the last one unmaps it.
-            with contextlib.suppress(BufferError):
-                self._mapping.close()
+            self._mapping.close()
             self._mapping = None
         if self._fd >= 0:
             os.close(self._fd)
