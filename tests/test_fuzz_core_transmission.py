@@ -22,6 +22,7 @@ from reference_server.protocol.events import Close, EnterTransmission, NeedData
 from reference_server.protocol.events import Request as RequestEvent
 from reference_server.protocol.export import BlockSizes, ExportInfo
 from reference_server.protocol.handshake import Handshake
+from reference_server.protocol.phases import TransmissionPhase
 from reference_server.protocol.reply_builder import Buffer
 from reference_server.protocol.transmission import Transmission
 from tests.core_fuzzing import (
@@ -77,7 +78,7 @@ def serve(tx: Transmission, event: RequestEvent, storage: bytearray) -> list[Buf
         return replies.read_filled(header, plan)
     if header.command == Command.BLOCK_STATUS:
         return replies.block_status(header, extents_of(storage, start, header.length))
-    if header.command == Command.WRITE:
+    if header.command == Command.WRITE and not event.in_store:  # else it is there already
         storage[start : start + len(event.payload)] = event.payload
     elif header.command in (Command.TRIM, Command.WRITE_ZEROES):
         storage[start:end] = bytes(header.length)
@@ -202,7 +203,8 @@ def parse_reply_stream(data: bytes, extended: bool, reads: dict[int, int]) -> li
 
 
 def check_transmission(reqs: list[Req], extended: bool, structured: bool, meta: bool,
-                       read_only: bool, minimum: int, cut: list[int]) -> None:  # fmt: skip
+                       read_only: bool, minimum: int, cut: list[int],
+                       in_store: bool = False) -> None:  # fmt: skip
     export = ExportInfo(
         "",
         SIZE,
@@ -212,6 +214,14 @@ def check_transmission(reqs: list[Req], extended: bool, structured: bool, meta: 
     tx = negotiate(extended, structured, meta, export)
     storage = bytearray(SIZE)
     shadow = bytearray(SIZE)
+    if in_store:  # write payloads are received straight into the export
+        asked: list[tuple[int, int]] = []
+
+        def target(length: int, offset: int) -> memoryview:
+            asked.append((length, offset))
+            return memoryview(storage)[offset : offset + length]
+
+        tx.write_target = target
     stream = b"".join(pack(r, extended) for r in reqs)
     header = 32 if extended else 28
     good_magic = EXTENDED_REQUEST_MAGIC if extended else REQUEST_MAGIC
@@ -245,6 +255,7 @@ def check_transmission(reqs: list[Req], extended: bool, structured: bool, meta: 
         framed.append(r)
 
     reads = {r.cookie: r.length for r in framed if r.command == Command.READ}
+    cut_short: list[tuple[int, int]] = []  # an accepted write whose payload never all came
     out = b""
     closed: Close | None = None
     for piece in chunked(stream, cut):
@@ -268,6 +279,11 @@ def check_transmission(reqs: list[Req], extended: bool, structured: bool, meta: 
     if waiting is not None and cookies == [r.cookie for r in [*framed, waiting]]:
         assert finals[-1]["error"], "a request was served before its payload arrived"
         framed.append(waiting)
+    elif in_store and tx.phase is TransmissionPhase.RECEIVING_PAYLOAD:
+        # Accepted, its payload cut short: what arrived is in the store (by design).
+        assert waiting is not None and waiting.command == Command.WRITE
+        shadow[waiting.offset : waiting.offset + len(waiting.data)] = waiting.data
+        cut_short = [(waiting.length, waiting.offset)]
     assert cookies == [r.cookie for r in framed], "requests and replies out of step"
     if ending is None:
         assert closed is None
@@ -316,6 +332,13 @@ def check_transmission(reqs: list[Req], extended: bool, structured: bool, meta: 
             assert covered == r.length, "read reply does not cover the request"
             assert got == shadow[r.offset : end], "read returned something never written"
     assert storage == shadow, "export differs from the shadow copy"
+    if in_store:
+        accepted = [
+            (len(r.data), r.offset)
+            for r, f in zip(framed, finals, strict=True)
+            if r.command == Command.WRITE and r.data and not f["error"]
+        ]
+        assert asked == accepted + cut_short, "views asked for other than the accepted writes"
 
 
 @st.composite
@@ -329,6 +352,7 @@ def transmission_case(draw: st.DrawFn) -> dict[str, Any]:
         "read_only": draw(st.booleans()),
         "minimum": draw(st.sampled_from([1, 1, 512])),
         "cut": draw(cuts),
+        "in_store": draw(st.booleans()),
     }
 
 
