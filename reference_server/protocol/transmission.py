@@ -290,8 +290,10 @@ class Transmission:
     def _receive_in_store(self, request: RequestHeader, view: memoryview) -> Request | NeedData:
         """Receive a write's payload into ``view``, starting with what came with its header."""
         n = min(len(self._in), len(view))
-        view[:n] = self._in[:n]
-        del self._in[:n]
+        if n:
+            with memoryview(self._in) as arrived:  # (a slice of the bytearray would copy)
+                view[:n] = arrived[:n]
+            del self._in[:n]
         if n == len(view):
             return Request(request, b"", True)
         self._phases.fire(TransmissionTrigger.PAYLOAD_EXPECTED)
