@@ -66,6 +66,7 @@ class Bugs:
     nul_terminated_strings: bool = False  # names sent with their C terminator
     list_context_ids: bool = False  # LIST_META_CONTEXT replies carry the real context ID
     tls_reqd_in_notls: bool = False  # STARTTLS answered NBD_REP_ERR_TLS_REQD
+    errors_in_host_order: bool = False  # error fields little-endian (EINVAL as 0x16000000)
 
 
 class ToyServer(ToyListener):
@@ -266,7 +267,12 @@ class _Session:
         return self.simple(cookie, Errno.OK)
 
     def simple(self, cookie: int, error: int) -> bytes:
-        return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie)
+        return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, self.error_field(error), cookie)
+
+    def error_field(self, error: int) -> int:
+        if self.bugs.errors_in_host_order:
+            return int.from_bytes(error.to_bytes(4, "little"), "big")
+        return error
 
     def chunk(self, cookie: int, kind: int, payload: bytes, *, done: bool) -> bytes:
         flags = ReplyFlag.DONE if done else 0
@@ -279,7 +285,7 @@ class _Session:
         if not self.structured or (cmd != Cmd.READ and self.bugs.simple_errors_under_structured):
             return self.simple(cookie, error)
         message = b"toy error"
-        body = struct.pack(">IH", error, len(message)) + message
+        body = struct.pack(">IH", self.error_field(error), len(message)) + message
         if self.bugs.error_chunk_twice:
             return self.chunk(cookie, ReplyType.ERROR, body, done=False) + self.chunk(
                 cookie, ReplyType.ERROR, body, done=True
