@@ -16,6 +16,7 @@ from conformance.spec import (
     expect,
     expect_data,
     expect_nbd_error,
+    expect_zero,
     spec,
     unsupported,
 )
@@ -277,3 +278,36 @@ def test_fast_zero_of_the_whole_export_is_not_eoverflow(server):
                 f"fast write-zeroes of {size} bytes",
                 detail="expected success or error ENOTSUP (95), actual error EOVERFLOW (75)",
             ) from err
+
+
+@pytest.mark.writes
+@pytest.mark.parametrize("before", ["data", "hole"])
+@spec(
+    REQUESTS,
+    MUST,
+    quote="MUST zero out the data on disk, and then send the reply message.",
+)
+def test_no_hole_zeroes_leave_the_area_writable(server, before):
+    """WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE over written data, or over a never-written area
+    (a hole on a sparse export), with both ends unaligned: the area reads as zeroes, then a
+    write over all of it succeeds and reads back.
+
+    The zeroes are this check's requirement; the write is what the wire shows of "the
+    area MUST be fully provisioned" (NO_HOLE), whose provisioning it does not: a server
+    that deallocates passes until its storage fills, and base:allocation is
+    no witness, since "the server MAY report a hole even where NBD_CMD_TRIM has not been
+    requested" (qemu-nbd on ext4 provisions the area as an unwritten extent, which lseek,
+    and so qemu-nbd, reports as a hole).  The ledger marks that sentence untestable.
+    """
+    h = server.connect()
+    if not h.can_zero():
+        unsupported("the server does not advertise NBD_FLAG_SEND_WRITE_ZEROES")
+    base = (1 << 20) if before == "data" else (3 << 20)
+    offset, length = base + 512, (1 << 20) - 1024
+    if before == "data":
+        h.pwrite(pattern(base, 1 << 20, tag=14), base)
+    h.zero(length, offset, nbd.CMD_FLAG_NO_HOLE)
+    expect_zero(h.pread(length, offset), f"{length} bytes at {offset} zeroed with NO_HOLE")
+    data = pattern(offset, length, tag=15)
+    h.pwrite(data, offset)
+    expect_data(h.pread(length, offset), data, "a write over the area zeroed with NO_HOLE")
