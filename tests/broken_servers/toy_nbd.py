@@ -67,6 +67,9 @@ class Bugs:
     list_context_ids: bool = False  # LIST_META_CONTEXT replies carry the real context ID
     tls_reqd_in_notls: bool = False  # STARTTLS answered NBD_REP_ERR_TLS_REQD
     errors_in_host_order: bool = False  # error fields little-endian (EINVAL as 0x16000000)
+    hang_up_on_unknown_export: bool = False  # INFO/GO for another name: the connection closes
+    hang_up_after_refusals: bool = False  # the third refused option closes the connection
+    hang_up_when_idle: bool = False  # one second without a request closes the connection
 
 
 class ToyServer(ToyListener):
@@ -97,6 +100,7 @@ class _Session:
         self.buffer = b""
         self.structured = False
         self.contexts = False
+        self.refusals = 0
 
     # ------------------------------------------------------------------ bytes
 
@@ -118,6 +122,10 @@ class _Session:
     # -------------------------------------------------------------- handshake
 
     def reply(self, option: int, rep: int, data: bytes = b"") -> None:
+        if rep & (1 << 31) and self.bugs.hang_up_after_refusals:
+            self.refusals += 1
+            if self.refusals == 3:
+                raise EOFError("too many refusals")
         self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
 
     def run(self) -> None:
@@ -161,6 +169,8 @@ class _Session:
         (count,) = struct.unpack_from(">H", data, 4 + name_length)
         asked = list(struct.unpack_from(f">{count}H", data, 6 + name_length))
         if name not in ("", EXPORT):
+            if self.bugs.hang_up_on_unknown_export:
+                raise EOFError("unknown export")
             self.reply(option, Rep.ERR_UNKNOWN)
             return False
         if self.bugs.unknown_info_fails and any(i > Info.BLOCK_SIZE for i in asked):
@@ -206,6 +216,8 @@ class _Session:
     # ----------------------------------------------------------- transmission
 
     def transmission(self) -> None:
+        if self.bugs.hang_up_when_idle:
+            self.sock.settimeout(1.0)
         while True:
             if not self.buffer:
                 self.fill()
