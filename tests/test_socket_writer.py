@@ -217,7 +217,8 @@ def test_the_replies_of_a_pass_leave_in_one_sendmsg(pair: Any) -> None:
         replies = [pattern(16 + n, n) for n in range(16)]
         for reply in replies:
             queue.add([reply[:16], reply[16:]], cost=10)
-        queue.flush(IdleTransport())
+        transport: Any = IdleTransport()
+        queue.flush(transport)
         writer.close()
         assert writer.calls == 1
         assert budget.used == 0 and queue.unsent == 0
@@ -244,7 +245,8 @@ def test_markers_after_a_partial_send_wait_for_their_bytes(pair: Any) -> None:
         queue.writer = writer
         queue.add([b"a" * 100], cost=10)
         queue.add([b"b" * 100], cost=20)
-        queue.flush(IdleTransport())
+        transport: Any = IdleTransport()
+        queue.flush(transport)
         writer.close()
         assert budget.used == 20, "the second reply's marker waits for its last 50 bytes"
         assert queue.unsent == 50
