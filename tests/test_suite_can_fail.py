@@ -293,3 +293,14 @@ def test_fast_zero_taking_the_slow_path(tmp_path: Path, mode: str) -> None:
     assert run.messages[check].count("the WRITE took") == 3, run.messages[check]
     ended = "succeeded in" if mode == "slow-success" else "failed with ENOTSUP in"
     assert run.messages[check].count(ended) == 3, run.messages[check]
+
+
+# --------------------------------------------- alignment nobody asked for
+
+
+def test_alignment_required_of_a_client_that_asked_for_no_sizes(tmp_path: Path) -> None:
+    """512-byte alignment enforced without being advertised: the default-sizes check warns
+    (a SHOULD); the checks that write whole blocks pass."""
+    run = run_suite(tmp_path, "aligned_by_default.py", "conformance/test_write.py", "-k", "default")
+    check = "test_default_minimum_and_preferred_block_sizes_without_block_size_request"
+    run.assert_verdicts(warnings={check})
