@@ -8,8 +8,8 @@ Each test runs the slice of the suite that guards against that bug, as a user
 would (``pytest conformance --server-cmd ... --report``), and asserts from the
 JSON report that exactly the checks guarding against the bug fail (or warn,
 for a SHOULD), and that every other check of the slice passes or is
-unsupported: a check that fails against everything proves as
-little as one that never fails.
+unsupported: a check that fails against everything proves as little as one
+that never fails.
 """
 
 from __future__ import annotations
@@ -276,6 +276,24 @@ def test_option_pipelined_behind_starttls_answered_in_clear(tmp_path: Path) -> N
     check = "test_option_sent_with_starttls_is_not_answered_in_clear"
     run.assert_verdicts(failed={check})
     assert "no plaintext reply to the buffered NBD_OPT_LIST" in run.messages[check]
+
+
+# ------------------------------------------------------------- a fast zero the slow way
+
+
+@pytest.mark.parametrize("mode", ["slow-success", "slow-failure"])
+def test_fast_zero_taking_the_slow_path(tmp_path: Path, mode: str) -> None:
+    """NBD_CMD_FLAG_FAST_ZERO served by a slow path (0.3 s), whether it then succeeds or
+    fails with NBD_ENOTSUP: the timing check fails, the others of the file pass."""
+    run = run_suite(
+        tmp_path, f"slow_fast_zero.py {mode}", "conformance/test_trim_zero.py", "-k", "fast_zero"
+    )
+    check = "test_fast_zero_is_quicker_than_a_write_or_fails_quickly"
+    run.assert_verdicts(failed={check})
+    # Every round is listed with its times, and says how the fast zero ended.
+    assert run.messages[check].count("the WRITE took") == 3, run.messages[check]
+    ended = "succeeded in" if mode == "slow-success" else "failed with ENOTSUP in"
+    assert run.messages[check].count(ended) == 3, run.messages[check]
 
 
 # ------------------------------- a context with 64-bit status listed, then ACK (SHOULD)

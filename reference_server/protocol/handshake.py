@@ -182,9 +182,7 @@ class Handshake:
         self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
         # "The server MUST operate in NOTLS mode unless ... the client
         # replied with NBD_FLAG_C_FIXED_NEWSTYLE": TLS cannot happen.
-        reason = self._tls.client_flags(self._fixed_newstyle)
-        if reason is not None:
-            return self._close(reason)
+        self._tls.client_flags(self._fixed_newstyle)
         self._phases.fire(HandshakeTrigger.CLIENT_FLAGS_ACCEPTED)
         return None
 
