@@ -161,9 +161,10 @@ def test_notls_serves_tls_only_exports_in_clear() -> None:
 
 def test_the_connection_mode_is_settled_by_the_client_flags() -> None:
     policy = TLSPolicy(TLSMode.SELECTIVETLS)
-    assert policy.client_flags(fixed_newstyle=True) is None
+    policy.client_flags(fixed_newstyle=True)
     assert policy.mode is TLSMode.SELECTIVETLS
-    fallback = TLSPolicy(TLSMode.SELECTIVETLS)
-    assert fallback.client_flags(fixed_newstyle=False) is None
-    assert fallback.mode is TLSMode.NOTLS
-    assert not fallback.usable(SECRET) and fallback.usable(PLAIN)
+    for mode in (TLSMode.SELECTIVETLS, TLSMode.FORCEDTLS):
+        fallback = TLSPolicy(mode)
+        fallback.client_flags(fixed_newstyle=False)
+        assert fallback.mode is TLSMode.NOTLS
+        assert not fallback.usable(SECRET) and fallback.usable(PLAIN)
