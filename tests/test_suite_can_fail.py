@@ -3,12 +3,13 @@
 Each server in tests/broken_servers/ is the reference server with one bug
 patched in (a per-connection cache behind NBD_FLAG_CAN_MULTI_CONN, MULTI_CONN
 under a connection limit of 1, EINVAL where EPERM is due, options acted on
-across STARTTLS).  Each test runs the slice of the suite that guards against
-that bug, as a user would (``pytest conformance --server-cmd ... --report``),
-and asserts from the JSON report that exactly the checks guarding against the
-bug fail (or warn, for a SHOULD), and that every other check of the slice
-passes or is unsupported: a check that fails against everything proves as
-little as one that never fails.
+across STARTTLS, a list of contexts with 64-bit status that ends in ACK).
+Each test runs the slice of the suite that guards against that bug, as a user
+would (``pytest conformance --server-cmd ... --report``), and asserts from the
+JSON report that exactly the checks guarding against the bug fail (or warn,
+for a SHOULD), and that every other check of the slice passes or is
+unsupported: a check that fails against everything proves as little as one
+that never fails.
 """
 
 from __future__ import annotations
@@ -304,3 +305,29 @@ def test_alignment_required_of_a_client_that_asked_for_no_sizes(tmp_path: Path) 
     run = run_suite(tmp_path, "aligned_by_default.py", "conformance/test_write.py", "-k", "default")
     check = "test_default_minimum_and_preferred_block_sizes_without_block_size_request"
     run.assert_verdicts(warnings={check})
+
+
+# ------------------------------- a context with 64-bit status listed, then ACK (SHOULD)
+
+WIDE_LIST = "test_list_advertising_wide_context_without_extended_headers_ends_ext_header_reqd"
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "nbd-strict"])
+def test_wide_context_listed_without_ext_header_reqd(tmp_path: Path, strict: bool) -> None:
+    """A SHOULD: a warning by default, a failure with --nbd-strict; the context named with
+    --wide-context, as for any server the suite has no profile of.  SET_META_CONTEXT still
+    omits it, and the checks of that MUST pass."""
+    run = run_suite(
+        tmp_path,
+        "wide_list_ends_with_ack.py --next-data",
+        "conformance/test_wide_contexts.py",
+        "--wide-context=x-reference:next-data",
+        strict=strict,
+    )
+    assert len(run.outcomes) == 6
+    listed = {f"{WIDE_LIST}[none]", f"{WIDE_LIST}[its-name]"}
+    if strict:
+        run.assert_verdicts(failed=listed)
+    else:
+        run.assert_verdicts(warnings=listed)
+    assert "expected 'ERR_EXT_HEADER_REQD', actual 'ACK'" in run.messages[f"{WIDE_LIST}[none]"]
