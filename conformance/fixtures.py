@@ -23,6 +23,7 @@ import pytest
 from conformance.guard import WritePermission
 from conformance.liveness import ServerCrashed
 from conformance.servers import Profile, ProfileCannotDo, Server, ServerConfig
+from conformance.spec import unsupported
 from conformance.tlsutil import generate as generate_credentials
 
 
@@ -31,6 +32,7 @@ class RunState(Protocol):
 
     profile: Profile
     writes_allowed: bool
+    wide_context: str | None
 
 
 #: The run's state, set by the plugin at configure time.
@@ -118,6 +120,20 @@ def start_server(
             shutil.rmtree(workdir, ignore_errors=True)
     if ended:
         raise ServerCrashed(ended[0])
+
+
+@pytest.fixture(scope="session")
+def wide_context(pytestconfig: pytest.Config) -> str:
+    """A metadata context with 64-bit status the server offers (``--wide-context``, or the
+    profile's); the check is UNSUPPORTED when there is none.  Ask for it before ``server``,
+    so that no server is started for nothing."""
+    name = pytestconfig.stash[RUN].wide_context
+    if name is None:
+        unsupported(
+            "no metadata context with 64-bit status is known for this server "
+            "(--wide-context=NAME names one)"
+        )
+    return name
 
 
 @pytest.fixture

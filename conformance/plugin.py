@@ -3,8 +3,8 @@
 Options: ``--nbd-server=NAME`` (a built-in or registered profile),
 ``--server-cmd TEMPLATE``, ``--uri URI``, ``--allow-writes``,
 ``--allow-disruptive``, ``--strict`` (pytest's own flag: SHOULD-level failures
-then fail; ``--nbd-strict`` does the same without pytest's other strictness)
-and ``--report FILE.json``.
+then fail; ``--nbd-strict`` does the same without pytest's other strictness),
+``--wide-context NAME`` and ``--report FILE.json``.
 
 The module registers the options and, at configure time, one
 :class:`ConformancePlugin`: the object that holds the run's state (the
@@ -110,6 +110,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="SHOULD-level failures fail (as does pytest's --strict)",
     )
     group.addoption(
+        "--wide-context",
+        default=None,
+        metavar="NAME",
+        help="a metadata context the server offers whose status needs 64 bits "
+        "(EXTENDED_HEADERS extension), for the checks of test_wide_contexts.py "
+        "(default: the profile's; the reference server's is x-reference:next-data)",
+    )
+    group.addoption(
         "--report",
         default=None,
         metavar="FILE.json",
@@ -186,6 +194,10 @@ class ConformancePlugin:
         self.writes_allowed = self.profile.starts_servers or bool(config.getoption("allow_writes"))
         self.disruption_allowed = self.profile.starts_servers or bool(
             config.getoption("allow_disruptive")
+        )
+        #: A metadata context with 64-bit status the server offers, or None.
+        self.wide_context: str | None = (
+            config.getoption("wide_context") or self.profile.wide_context
         )
         self.collector = Collector()
         config.stash[RUN] = self

@@ -56,6 +56,7 @@ SHOULD = Level.SHOULD
 MAY = Level.MAY
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def spec(section: str, level: Level = Level.MUST, quote: str | None = None) -> Callable[[F], F]:
@@ -200,3 +201,20 @@ def expect_nbd_error(
         error: BaseException = err
         return error
     raise SpecViolation(what, detail=f"expected error {names}, actual success ({_short(result)})")
+
+
+def expect_success(call: Callable[[], T], what: str) -> T:
+    """Run CALL (a libnbd request) and return its result; a server error is a violation.
+
+    For checks whose requirement is that a request succeeds: the error reply
+    becomes a :class:`SpecViolation` (graded at the check's level, so a
+    SHOULD warns) instead of an ``nbd.Error`` that reads as a broken check.
+    """
+    import nbd  # imported late, as in expect_nbd_error
+
+    try:
+        return call()
+    except nbd.Error as err:
+        raise SpecViolation(
+            what, detail=f"expected success, actual error {errno_name(err.errnum)}: {err.string}"
+        ) from err

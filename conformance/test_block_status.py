@@ -193,34 +193,3 @@ def test_block_status_beyond_the_end_gets_einval(server):
         errno.EINVAL,
         "block status across the end of the export",
     )
-
-
-@pytest.mark.writes
-@spec(
-    REQUESTS,
-    MUST,
-    quote="the area MUST be fully provisioned, ensuring that future writes to the same area "
-    "will not cause fragmentation or cause failure due to insufficient space.",
-)
-def test_no_hole_zeroes_are_not_reported_as_holes(server):
-    """WRITE_ZEROES with NBD_CMD_FLAG_NO_HOLE over written data, then base:allocation.
-
-    Provisioning itself is not visible on the wire, but the server's own report of it is:
-    NBD_STATE_HOLE says "not allocated in the backend storage".  A server that punches a
-    hole despite NO_HOLE (the flag ignored) says so here; one that provisions may report
-    the range as allocated (or, as always, as unknown: status 0).
-    """
-    h = _connect(server)
-    if not h.can_zero():
-        unsupported("the server does not advertise NBD_FLAG_SEND_WRITE_ZEROES")
-    offset, length = 1 << 20, 1 << 20
-    h.pwrite(pattern(offset, length, tag=14), offset)
-    h.zero(length, offset, nbd.CMD_FLAG_NO_HOLE)
-    expect_zero(h.pread(length, offset), f"{length} bytes zeroed with NO_HOLE")
-    for start, size, flags in _status(h, length, offset):
-        expect(
-            not flags & nbd.STATE_HOLE,
-            f"base:allocation of [{start}, {start + size}) after WRITE_ZEROES with NO_HOLE",
-            expected="NBD_STATE_HOLE clear (the area is provisioned)",
-            actual=f"flags {flags:#x}",
-        )

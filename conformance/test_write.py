@@ -7,7 +7,15 @@ import pytest
 
 from conformance.data import pattern
 from conformance.handle import wait_all
-from conformance.spec import MUST, SHOULD, expect_data, expect_equal, spec, unsupported
+from conformance.spec import (
+    MUST,
+    SHOULD,
+    expect_data,
+    expect_equal,
+    expect_success,
+    spec,
+    unsupported,
+)
 
 REQUESTS = "Values / Transmission phase / Request types"
 WRITE_RULE = "The server MUST write the data to disk, and then send the reply message."
@@ -51,6 +59,18 @@ def test_write_of_maximum_payload(server):
     expect_data(h.pread(length, 0), data, f"{length}-byte write")
 
 
+def _connect_without_sizes(server):
+    """A libnbd client that does not ask for block sizes (strict mode off: the server judges
+    the requests).  A server that insists on being asked (NBD_REP_ERR_BLOCK_SIZE_REQD, which
+    it MAY answer) has no defaults to check: UNSUPPORTED."""
+    try:
+        return server.connect(request_block_size=False, strict=0)
+    except nbd.Error as err:
+        if "block size" in str(err):
+            unsupported(f"the server insists that clients ask for block sizes ({err})")
+        raise
+
+
 @spec(
     "Size constraints",
     SHOULD,
@@ -61,11 +81,44 @@ def test_write_of_maximum_payload(server):
 )
 def test_default_maximum_payload_without_block_size_request(server):
     """A client that did not ask for sizes may still write 32 MiB (or the whole export)."""
-    h = server.connect(request_block_size=False)
+    h = _connect_without_sizes(server)
     length = min(32 << 20, h.get_size())
     data = pattern(0, length, tag=6)
     h.pwrite(data, 0)
     expect_data(h.pread(length, 0), data, f"{length}-byte write without NBD_INFO_BLOCK_SIZE")
+
+
+@spec(
+    "Size constraints",
+    SHOULD,
+    quote="If size constraints have not been advertised or agreed "
+    "on externally, then a server SHOULD support a default minimum block size of 1, a "
+    "preferred block size of 2^12 (4,096), and a maximum payload size that is at least 2^25 "
+    "(33,554,432) (even if the export size is smaller);",
+)
+def test_default_minimum_and_preferred_block_sizes_without_block_size_request(server):
+    """A client that did not ask for sizes (and so agreed on none): a 1-byte write at an odd
+    offset, 3 bytes across a 4 KiB boundary, a 1-byte read, and a 4 KiB write and read at a
+    4 KiB boundary all succeed and read back.  libnbd's strict mode is off so that the
+    server, not libnbd, judges the alignment; the 2^25 payload is the check above."""
+    h = _connect_without_sizes(server)
+    base = 1 << 20
+    before = pattern(base, 3 * 4096, tag=9)
+    h.pwrite(before, base)
+    expected = bytearray(before)
+    writes = (
+        (1, b"\x01", "a 1-byte write at an odd offset"),
+        (4095, b"\x02\x03\x04", "3 bytes written across a 4 KiB boundary"),
+        (8192, pattern(0, 4096, tag=10), "a 4 KiB write at a 4 KiB boundary"),
+    )
+    for offset, data, what in writes:
+        expect_success(lambda: h.pwrite(data, base + offset), what)  # noqa: B023
+        expected[offset : offset + len(data)] = data
+    one = expect_success(lambda: h.pread(1, base + 1), "a 1-byte read at an odd offset")
+    expect_data(one, b"\x01", "a 1-byte read at an odd offset")
+    block = expect_success(lambda: h.pread(4096, base + 8192), "a 4 KiB read at 4 KiB")
+    expect_data(block, expected[8192:], "a 4 KiB read at a 4 KiB boundary")
+    expect_data(h.pread(3 * 4096, base), bytes(expected), "unaligned writes without block sizes")
 
 
 @spec(

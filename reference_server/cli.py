@@ -174,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --tls-creds: require a client certificate signed by ca-cert.pem",
     )
+    p.add_argument(
+        "--next-data",
+        action="store_true",
+        help="also offer the metadata context x-reference:next-data: for a hole, the offset "
+        "where data next begins (64-bit status: needs extended headers)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log connections to stderr")
     p.add_argument(
         "--trace",
@@ -347,7 +353,10 @@ def _export(args: argparse.Namespace, spec: ExportSpec, backend: Backend) -> Exp
         args.minimum_block_size, max(4096, args.minimum_block_size), args.max_payload
     )
     tls = tls_option(args.tls, bool(args.tls_creds))
-    return Export(export_info(spec, backend, shared=args.shared, sizes=sizes, tls=tls), backend)
+    info = export_info(
+        spec, backend, shared=args.shared, sizes=sizes, tls=tls, next_data=args.next_data
+    )
+    return Export(info, backend)
 
 
 async def _serve(

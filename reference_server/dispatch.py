@@ -74,7 +74,10 @@ def execute(
         if command == _READ:
             return _read(replies, header, backend, zero_copy)
         if command == _BLOCK_STATUS:
-            return replies.block_status(header, backend.extents(header.length, header.offset))
+            extents = backend.extents(header.length, header.offset)
+            ahead = replies.next_data_lookahead(header, extents)
+            data_after = None if ahead is None else backend.next_data(ahead)
+            return replies.block_status(header, extents, data_after)
         fua = bool(header.flags & _FUA)
         if command == _WRITE:
             if request.in_store:  # the payload was received into the store itself

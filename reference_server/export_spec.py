@@ -122,7 +122,13 @@ def check_tls(option: TLSOption, have_credentials: bool, specs: list[ExportSpec]
 
 
 def export_info(
-    spec: ExportSpec, backend: Backend, *, shared: int, sizes: BlockSizes, tls: TLSOption
+    spec: ExportSpec,
+    backend: Backend,
+    *,
+    shared: int,
+    sizes: BlockSizes,
+    tls: TLSOption,
+    next_data: bool = False,
 ) -> ExportInfo:
     """What the handshake advertises of SPEC, served from BACKEND."""
     return ExportInfo(
@@ -136,4 +142,6 @@ def export_info(
         block_sizes=sizes,
         # --tls=require makes every export TLS-only: FORCEDTLS (tls_policy.py).
         tls_only=tls is TLSOption.REQUIRE or spec.tls_only,
+        # --next-data: every export offers x-reference:next-data.
+        next_data=next_data,
     )

@@ -100,32 +100,43 @@ class ReplyQueue:
                 # file ended early, which the next call reports).
                 items[0] = FileRegion(head.fd, head.offset + sent, head.length - sent)
                 continue
+            # The replies of a pass leave in one sendmsg: gather across budget
+            # markers (they stay queued, and are given back below once the
+            # bytes before them have left), up to a file region.
             parts: list[Buffer] = []
             size = 0
             for item in items:
-                if type(item) is int or type(item) is FileRegion or len(parts) == MAX_PARTS:
+                if type(item) is int:
+                    continue
+                if type(item) is FileRegion or len(parts) == MAX_PARTS:
                     break
                 parts.append(item)  # type: ignore[arg-type]  # neither int nor FileRegion
                 size += len(item)  # type: ignore[arg-type]
             sent = writer.send(parts)
             self.unsent -= sent
+            self._drop_sent(sent, len(parts))
             if sent < size:
-                self._drop_sent(sent)
                 writer.wait_writable()
                 return
-            for _ in parts:
-                items.popleft()
 
-    def _drop_sent(self, sent: int) -> None:
-        """Remove ``sent`` bytes from the front of the queue (no budget marker among them)."""
-        items = self._items
-        while sent:
+    def _drop_sent(self, sent: int, count: int) -> None:
+        """Remove the ``count`` buffers at the front whose first ``sent`` bytes have left
+        (a partly sent one keeps its rest), and give back the budget markers among them."""
+        items, budget = self._items, self._budget
+        while count:
             head = items[0]
-            assert not isinstance(head, int | FileRegion)
-            if sent < len(head):
-                items[0] = memoryview(head).cast("B")[sent:]
+            if type(head) is int:
+                items.popleft()
+                budget.give(head)
+                continue
+            assert type(head) is not FileRegion
+            length = len(head)  # type: ignore[arg-type]
+            if sent < length:
+                if sent:
+                    items[0] = memoryview(head).cast("B")[sent:]  # type: ignore[arg-type]
                 return
-            sent -= len(head)
+            sent -= length
+            count -= 1
             items.popleft()
 
     def _flush_through(self, transport: asyncio.Transport) -> None:

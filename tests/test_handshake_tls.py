@@ -74,9 +74,14 @@ def test_forcedtls_export_name_before_tls_terminates() -> None:
     assert c.hs.data_to_send() == b""
 
 
-def test_forcedtls_client_without_fixed_newstyle_is_closed() -> None:
+def test_forcedtls_client_without_fixed_newstyle_is_served_in_notls_mode() -> None:
+    """Not dropped at its client flags: in NOTLS mode it reaches no export (all are
+    TLS-only), so its NBD_OPT_EXPORT_NAME terminates the session, and nothing earlier."""
     c = Client(tls=True, send_flags=False)
-    assert isinstance(c.send(struct.pack(">I", 0)), Close)
+    assert isinstance(c.send(struct.pack(">I", 0)), NeedData)
+    assert c.hs.data_to_send() == b""
+    assert isinstance(c.send(option(Option.EXPORT_NAME)), Close)
+    assert c.hs.data_to_send() == b""
 
 
 def test_forcedtls_starttls_then_negotiation_restarts_from_scratch() -> None:

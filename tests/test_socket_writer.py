@@ -191,3 +191,64 @@ def test_closing_the_writer_leaves_the_transports_descriptor_open(pair: Any) -> 
 
     run(main())
     a.send(b"still open")  # raises if our close had closed the transport's socket
+
+
+class CountingWriter(SocketWriter):
+    """A writer that counts its sendmsg calls."""
+
+    calls = 0
+
+    def send(self, parts: Any) -> int:
+        self.calls += 1
+        return super().send(parts)
+
+
+def test_the_replies_of_a_pass_leave_in_one_sendmsg(pair: Any) -> None:
+    """Budget markers between replies do not split the gather: 16 small replies, each with
+    its marker, leave in one system call, and every marker comes back."""
+    a, b = pair
+
+    async def main() -> None:
+        budget = ByteBudget(1 << 20)
+        budget.used = 16 * 10
+        queue = ReplyQueue(budget)
+        writer = CountingWriter(a.fileno(), lambda: None)
+        queue.writer = writer
+        replies = [pattern(16 + n, n) for n in range(16)]
+        for reply in replies:
+            queue.add([reply[:16], reply[16:]], cost=10)
+        transport: Any = IdleTransport()
+        queue.flush(transport)
+        writer.close()
+        assert writer.calls == 1
+        assert budget.used == 0 and queue.unsent == 0
+        b.setblocking(False)
+        assert b.recv(1 << 16) == b"".join(replies)
+
+    run(main())
+
+
+def test_markers_after_a_partial_send_wait_for_their_bytes(pair: Any) -> None:
+    """A send that stops inside the second reply gives back the first reply's marker only."""
+    a, _ = pair
+
+    class Partial(SocketWriter):
+        def send(self, parts: Any) -> int:
+            return 150  # all of the first reply (100 bytes), half of the second
+
+    async def main() -> None:
+        budget = ByteBudget(1 << 20)
+        budget.used = 30
+        queue = ReplyQueue(budget)
+        writer = Partial(a.fileno(), lambda: None)
+        writer.wait_writable = lambda: None  # type: ignore[method-assign]
+        queue.writer = writer
+        queue.add([b"a" * 100], cost=10)
+        queue.add([b"b" * 100], cost=20)
+        transport: Any = IdleTransport()
+        queue.flush(transport)
+        writer.close()
+        assert budget.used == 20, "the second reply's marker waits for its last 50 bytes"
+        assert queue.unsent == 50
+
+    run(main())

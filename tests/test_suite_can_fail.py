@@ -3,12 +3,13 @@
 Each server in tests/broken_servers/ is the reference server with one bug
 patched in (a per-connection cache behind NBD_FLAG_CAN_MULTI_CONN, MULTI_CONN
 under a connection limit of 1, EINVAL where EPERM is due, options acted on
-across STARTTLS).  Each test runs the slice of the suite that guards against
-that bug, as a user would (``pytest conformance --server-cmd ... --report``),
-and asserts from the JSON report that exactly the checks guarding against the
-bug fail (or warn, for a SHOULD), and that every other check of the slice
-passes or is unsupported: a check that fails against everything proves as
-little as one that never fails.
+across STARTTLS, a list of contexts with 64-bit status that ends in ACK).
+Each test runs the slice of the suite that guards against that bug, as a user
+would (``pytest conformance --server-cmd ... --report``), and asserts from the
+JSON report that exactly the checks guarding against the bug fail (or warn,
+for a SHOULD), and that every other check of the slice passes or is
+unsupported: a check that fails against everything proves as little as one
+that never fails.
 """
 
 from __future__ import annotations
@@ -275,3 +276,58 @@ def test_option_pipelined_behind_starttls_answered_in_clear(tmp_path: Path) -> N
     check = "test_option_sent_with_starttls_is_not_answered_in_clear"
     run.assert_verdicts(failed={check})
     assert "no plaintext reply to the buffered NBD_OPT_LIST" in run.messages[check]
+
+
+# ------------------------------------------------------------- a fast zero the slow way
+
+
+@pytest.mark.parametrize("mode", ["slow-success", "slow-failure"])
+def test_fast_zero_taking_the_slow_path(tmp_path: Path, mode: str) -> None:
+    """NBD_CMD_FLAG_FAST_ZERO served by a slow path (0.3 s), whether it then succeeds or
+    fails with NBD_ENOTSUP: the timing check fails, the others of the file pass."""
+    run = run_suite(
+        tmp_path, f"slow_fast_zero.py {mode}", "conformance/test_trim_zero.py", "-k", "fast_zero"
+    )
+    check = "test_fast_zero_is_quicker_than_a_write_or_fails_quickly"
+    run.assert_verdicts(failed={check})
+    # Every round is listed with its times, and says how the fast zero ended.
+    assert run.messages[check].count("the WRITE took") == 3, run.messages[check]
+    ended = "succeeded in" if mode == "slow-success" else "failed with ENOTSUP in"
+    assert run.messages[check].count(ended) == 3, run.messages[check]
+
+
+# --------------------------------------------- alignment nobody asked for
+
+
+def test_alignment_required_of_a_client_that_asked_for_no_sizes(tmp_path: Path) -> None:
+    """512-byte alignment enforced without being advertised: the default-sizes check warns
+    (a SHOULD); the checks that write whole blocks pass."""
+    run = run_suite(tmp_path, "aligned_by_default.py", "conformance/test_write.py", "-k", "default")
+    check = "test_default_minimum_and_preferred_block_sizes_without_block_size_request"
+    run.assert_verdicts(warnings={check})
+
+
+# ------------------------------- a context with 64-bit status listed, then ACK (SHOULD)
+
+WIDE_LIST = "test_list_advertising_wide_context_without_extended_headers_ends_ext_header_reqd"
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "nbd-strict"])
+def test_wide_context_listed_without_ext_header_reqd(tmp_path: Path, strict: bool) -> None:
+    """A SHOULD: a warning by default, a failure with --nbd-strict; the context named with
+    --wide-context, as for any server the suite has no profile of.  SET_META_CONTEXT still
+    omits it, and the checks of that MUST pass."""
+    run = run_suite(
+        tmp_path,
+        "wide_list_ends_with_ack.py --next-data",
+        "conformance/test_wide_contexts.py",
+        "--wide-context=x-reference:next-data",
+        strict=strict,
+    )
+    assert len(run.outcomes) == 6
+    listed = {f"{WIDE_LIST}[none]", f"{WIDE_LIST}[its-name]"}
+    if strict:
+        run.assert_verdicts(failed=listed)
+    else:
+        run.assert_verdicts(warnings=listed)
+    assert "expected 'ERR_EXT_HEADER_REQD', actual 'ACK'" in run.messages[f"{WIDE_LIST}[none]"]

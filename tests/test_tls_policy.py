@@ -139,8 +139,16 @@ def test_selective_client_without_fixed_newstyle_is_served_in_notls_mode() -> No
     assert isinstance(c.send(option(Option.EXPORT_NAME, b"plain")), EnterTransmission)
 
 
-def test_forced_closes_a_client_without_fixed_newstyle_at_once() -> None:
-    assert isinstance(Session(SECRET, flags=0).event, Close)
+def test_forced_serves_a_client_without_fixed_newstyle_in_notls_mode() -> None:
+    """FORCEDTLS has nothing for it (every export is TLS-only), but does not drop it at its
+    client flags: options are answered as in NOTLS mode, never NBD_REP_ERR_TLS_REQD, and
+    NBD_OPT_EXPORT_NAME terminates the session."""
+    c = Session(SECRET, flags=0)
+    assert isinstance(c.event, NeedData)
+    assert c.ask(Option.STARTTLS) == [Reply.ERR_POLICY]
+    assert c.listed() == []
+    assert c.ask(Option.INFO, named(b"secret")) == [Reply.ERR_UNKNOWN]
+    assert isinstance(c.send(option(Option.EXPORT_NAME, b"secret")), Close)
 
 
 def test_notls_serves_tls_only_exports_in_clear() -> None:
@@ -153,9 +161,10 @@ def test_notls_serves_tls_only_exports_in_clear() -> None:
 
 def test_the_connection_mode_is_settled_by_the_client_flags() -> None:
     policy = TLSPolicy(TLSMode.SELECTIVETLS)
-    assert policy.client_flags(fixed_newstyle=True) is None
+    policy.client_flags(fixed_newstyle=True)
     assert policy.mode is TLSMode.SELECTIVETLS
-    fallback = TLSPolicy(TLSMode.SELECTIVETLS)
-    assert fallback.client_flags(fixed_newstyle=False) is None
-    assert fallback.mode is TLSMode.NOTLS
-    assert not fallback.usable(SECRET) and fallback.usable(PLAIN)
+    for mode in (TLSMode.SELECTIVETLS, TLSMode.FORCEDTLS):
+        fallback = TLSPolicy(mode)
+        fallback.client_flags(fixed_newstyle=False)
+        assert fallback.mode is TLSMode.NOTLS
+        assert not fallback.usable(SECRET) and fallback.usable(PLAIN)

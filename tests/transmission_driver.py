@@ -55,8 +55,12 @@ def negotiate(
     structured: bool = False,
     extended: bool = False,
     meta: bool = False,
+    contexts: tuple[bytes, ...] = (),
 ) -> Transmission:
-    """Run the handshake over bytes and return the transmission state machine."""
+    """Run the handshake over bytes and return the transmission state machine.
+
+    ``meta`` selects base:allocation; ``contexts`` are further queries to select.
+    """
     hs = Handshake({export.name: export})
     hs.receive_data(struct.pack(">I", 3))
     data = b""
@@ -64,11 +68,10 @@ def negotiate(
         data += _option(Option.STRUCTURED_REPLY)
     if extended:
         data += _option(Option.EXTENDED_HEADERS)
-    if meta:
-        q = b"base:allocation"
-        data += _option(
-            Option.SET_META_CONTEXT, struct.pack(">II", 0, 1) + struct.pack(">I", len(q)) + q
-        )
+    queries = ((b"base:allocation",) if meta else ()) + contexts
+    if queries:
+        body = b"".join(struct.pack(">I", len(q)) + q for q in queries)
+        data += _option(Option.SET_META_CONTEXT, struct.pack(">II", 0, len(queries)) + body)
     data += _option(Option.GO, struct.pack(">IHH", 0, 1, Info.BLOCK_SIZE))
     hs.receive_data(data)
     event = hs.next_event()

@@ -322,6 +322,10 @@ class Profile:
     sets_minimum_block_size = False
     #: Whether the server can serve a TLS-only export beside a plain one (SELECTIVETLS).
     serves_tls_only_exports = False
+    #: A metadata context the server offers whose status needs 64 bits (the
+    #: EXTENDED_HEADERS extension), for the checks of test_wide_contexts.py;
+    #: None: it offers none (``--wide-context`` names one for another server).
+    wide_context: str | None = None
 
     def check_config(self, config: ServerConfig) -> None:
         """Raise ProfileCannotDo if the server cannot be put in CONFIG."""

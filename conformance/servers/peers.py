@@ -36,7 +36,9 @@ class ServeOptions:
     passes none.  ``tls_only_export`` names a second export, served only over
     TLS, beside ``export_name``, served with or without it (SELECTIVETLS;
     needs ``tls_dir``).  ``trace`` (a wire log) is the reference server's;
-    ``cache``, ``aio`` and ``discard`` are qemu-nbd's tuning.  ``extra``
+    ``cache``, ``aio`` and ``discard`` are qemu-nbd's tuning;
+    ``next_data`` offers the reference server's metadata context with 64-bit
+    status, ``x-reference:next-data`` (``--next-data``).  ``extra``
     words go last but for the image: a test of a command line itself passes
     its options there.
     """
@@ -58,6 +60,7 @@ class ServeOptions:
     cache: str | None = None
     aio: str | None = None
     discard: str | None = None
+    next_data: bool = False
     extra: tuple[str, ...] = ()
 
 
@@ -97,6 +100,8 @@ def reference_argv(o: ServeOptions, python: str = sys.executable) -> list[str]:
         argv.append("-t")
     if o.minimum_block_size != 1:
         argv.append(f"--minimum-block-size={o.minimum_block_size}")
+    if o.next_data:
+        argv.append("--next-data")
     if o.fork:
         argv.append("--fork")
     if o.pid_file is not None:
@@ -115,7 +120,13 @@ def qemu_nbd_argv(o: ServeOptions) -> list[str]:
     _refuse(
         "qemu-nbd",
         o,
-        {"memory": None, "minimum_block_size": 1, "trace": None, "tls_only_export": None},
+        {
+            "memory": None,
+            "minimum_block_size": 1,
+            "trace": None,
+            "tls_only_export": None,
+            "next_data": False,
+        },
     )
     argv = ["qemu-nbd", "-f", "raw", "-k", str(o.socket)]
     if o.export_name is not None:
@@ -163,7 +174,7 @@ def nbdkit_argv(o: ServeOptions) -> list[str]:
         "nbdkit",
         o,
         {"fork": False, "pid_file": None, "trace": None, "cache": None, "aio": None,
-         "discard": None, "tls_only_export": None},
+         "discard": None, "tls_only_export": None, "next_data": False},
     )  # fmt: skip
     if (o.memory is None) == (o.image is None):
         raise PeerCannotDo("nbdkit serves either memory or an image")

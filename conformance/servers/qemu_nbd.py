@@ -74,7 +74,9 @@ class QemuNbd(Profile):
             "test_shutdown_answers_requests_in_flight",
             "Protocol phases / Transmission / Terminating the transmission phase",
             "qemu-nbd 7.2 closes the connection at SIGTERM with READ replies still being sent: "
-            "replies to requests in flight are cut short",
+            "replies to requests in flight are cut short (a race: most runs; on a loaded "
+            "machine the replies sometimes all leave first)",
+            intermittent=True,
         ),
         Deviation(
             "test_tls_before_1_2_is_refused_by_default",

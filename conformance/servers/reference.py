@@ -37,12 +37,20 @@ def _differ(a: Mapping[str, str] | None, b: Mapping[str, str] | None) -> bool:
 
 
 class Reference(Profile):
-    """``python -m reference_server --memory SIZE -x NAME --shared N [-D DESC] [-r] -t -k SOCK``."""
+    """``python -m reference_server --memory SIZE -x NAME --shared N [-D DESC] [-r] -t -k SOCK``.
+
+    Always with ``--next-data`` too: the context with 64-bit status of
+    test_wide_contexts.py.
+    """
 
     name = "reference"
     deviations: tuple[Deviation, ...] = ()
     sets_minimum_block_size = True
     serves_tls_only_exports = True
+    # Offered on every server the profile starts (--next-data), so the whole
+    # suite runs against a server with a context it must hold back from
+    # clients without extended headers.
+    wide_context = "x-reference:next-data"
 
     def __init__(self) -> None:
         self._forkserver: ForkServer | None = None
@@ -51,7 +59,10 @@ class Reference(Profile):
     def prepare_command(
         self, config: ServerConfig, workdir: Path, socket_path: str, tls_dir: str | None
     ) -> list[str]:
-        return reference_argv(self.serve_options(config, socket_path, tls_dir, memory=config.size))
+        options = self.serve_options(
+            config, socket_path, tls_dir, memory=config.size, next_data=True
+        )
+        return reference_argv(options)
 
     def env(self) -> dict[str, str]:
         return with_pythonpath(REPO_ROOT)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import abc
 from typing import NamedTuple
 
+from ..protocol.constants import StateFlag
+
+_HOLE = StateFlag.HOLE.value
+
 
 class Extent(NamedTuple):
     """A run of bytes with one base:allocation status."""
@@ -118,6 +122,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def extents(self, length: int, offset: int) -> list[Extent]:
         """Allocation status from ``offset``, covering at least one byte."""
+
+    def next_data(self, offset: int) -> int:
+        """Where data (NBD_STATE_HOLE clear) next begins from ``offset``; ``size`` if nowhere.
+
+        What SEEK_DATA answers, for x-reference:next-data.  The default walks
+        :meth:`extents`.
+        """
+        while offset < self.size:
+            for extent in self.extents(self.size - offset, offset):
+                if not extent.flags & _HOLE:
+                    return offset
+                offset += extent.length
+        return self.size
 
     def read_extents(self, length: int, offset: int) -> list[Extent]:
         """Extents good enough to send zeroes of a read as OFFSET_HOLE chunks.

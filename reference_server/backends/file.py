@@ -232,6 +232,19 @@ class FileBackend(Backend):
             pos = stop
         return result
 
+    def next_data(self, offset: int) -> int:
+        """SEEK_DATA from ``offset``: the export size when only a hole remains."""
+        if not self._regular or offset >= self.size:
+            return min(offset, self.size)
+        try:
+            return min(os.lseek(self._fd, offset, os.SEEK_DATA), self.size)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return self.size
+            if exc.errno in _UNSUPPORTED:
+                return offset  # no hole information: everything is data
+            raise
+
     def read_extents(self, length: int, offset: int) -> list[Extent]:
         """One SEEK_DATA only: SEEK_HOLE can cost time linear in the data run (tmpfs)."""
         end = min(offset + length, self.size)

@@ -222,6 +222,13 @@ class MemoryBackend(Backend):
             add(end - pos, _HOLE)
         return result
 
+    def next_data(self, offset: int) -> int:
+        """The start of the first written page at or after ``offset`` (or the export size)."""
+        first = offset // PAGE_SIZE
+        with self._lock:
+            index = min((i for i in self._pages if i >= first), default=None)
+        return self.size if index is None else min(max(index * PAGE_SIZE, offset), self.size)
+
     def read_extents(self, length: int, offset: int) -> list[Extent]:
         """Data or holes for a read: a range within written pages is answered at once."""
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE

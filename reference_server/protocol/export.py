@@ -44,6 +44,9 @@ class ExportInfo:
     # spec's "TLS-only export"); a server without TLS ignores it.  A server
     # whose every export is TLS-only runs in FORCEDTLS mode (tls_policy.py).
     tls_only: bool = True
+    # Whether x-reference:next-data (next_data.py) is offered beside
+    # base:allocation (``--next-data``).
+    next_data: bool = False
 
     def transmission_flags(self, structured_replies: bool) -> TransmissionFlag:
         """Advertise exactly what is implemented ("Transmission flags").

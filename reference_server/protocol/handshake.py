@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import wire
+from . import meta_contexts, wire
 from .constants import (
-    BASE_ALLOCATION,
     IHAVEOPT,
     MAX_STRING_LENGTH,
     ClientFlag,
@@ -31,10 +30,6 @@ from .events import Close, EnterTransmission, Event, NeedData, StartTLS
 from .export import ExportInfo, Negotiated
 from .phases import HANDSHAKE_TRANSITIONS, HandshakePhase, HandshakeTrigger, PhaseMachine
 from .tls_policy import TLSPolicy
-
-# The id this server gives base:allocation ("NBD_OPT_SET_META_CONTEXT": ids are
-# transient and opaque to the client; one context needs one id).
-BASE_ALLOCATION_ID = 1
 
 Tracer = Callable[[str, str, Mapping[str, object]], None]
 # Phases in which bytes from the client are kept: the rest drop them.
@@ -187,9 +182,7 @@ class Handshake:
         self._no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
         # "The server MUST operate in NOTLS mode unless ... the client
         # replied with NBD_FLAG_C_FIXED_NEWSTYLE": TLS cannot happen.
-        reason = self._tls.client_flags(self._fixed_newstyle)
-        if reason is not None:
-            return self._close(reason)
+        self._tls.client_flags(self._fixed_newstyle)
         self._phases.fire(HandshakeTrigger.CLIENT_FLAGS_ACCEPTED)
         return None
 
@@ -438,27 +431,26 @@ class Handshake:
         if any(b":" not in q for q in request.queries):
             self._error(option, Reply.ERR_INVALID, "a query lacks the namespace colon")
             return None
-        if setting:
-            # "base:" alone is ignored for SET; unknown leaves and namespaces too.
-            matched = any(q == BASE_ALLOCATION.encode() for q in request.queries)
-        else:
-            # LIST: no query lists everything; "base:" is a wildcard.
-            matched = not request.queries or any(
-                q in (b"base:", BASE_ALLOCATION.encode()) for q in request.queries
-            )
-        if matched:
-            context_id = BASE_ALLOCATION_ID if setting else 0
+        # Contexts with 64-bit status without extended headers: meta_contexts.answer.
+        answer = meta_contexts.answer(export, request.queries, setting, self._extended)
+        for context in answer.named:
+            context_id = context.context_id if setting else 0
             self._reply(
                 option,
                 Reply.META_CONTEXT,
-                wire.pack_meta_context(context_id, BASE_ALLOCATION.encode()),
+                wire.pack_meta_context(context_id, context.name.encode()),
                 context_id=context_id,
-                context=BASE_ALLOCATION,
+                context=context.name,
             )
         if setting:
             self._meta_export = request.name
-            self._meta_contexts = {BASE_ALLOCATION_ID: BASE_ALLOCATION} if matched else {}
-        self._reply(option, Reply.ACK)
+            self._meta_contexts = {c.context_id: c.name for c in answer.named}
+        elif answer.held_back:
+            text = f"{answer.held_back}: negotiate NBD_OPT_EXTENDED_HEADERS to use it"
+            self._error(option, Reply.ERR_EXT_HEADER_REQD, text)
+            return None
+        omitted = {"omitted": answer.held_back} if answer.held_back else {}
+        self._reply(option, Reply.ACK, b"", **omitted)
         return None
 
     _HANDLERS: dict[Option, Callable[[Handshake, Option, bytes], Event | None]] = {

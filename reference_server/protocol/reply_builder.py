@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from . import wire
+from . import next_data, wire
 from .constants import (
     MAX_EXTENTS_PER_CHUNK,
     MAX_STRING_LENGTH,
@@ -103,6 +103,11 @@ class ReplyBuilder:
         self._structured = negotiated.structured_replies
         self._extended = negotiated.extended_headers
         self._context_ids = sorted(negotiated.meta_contexts)
+        # The ID of x-reference:next-data where selected (only ever with extended headers).
+        self._next_data_id = next(
+            (i for i, name in negotiated.meta_contexts.items() if name == next_data.NAME), None
+        )
+        self._size = negotiated.export.size
         self._trace = trace
 
     # -------------------------------------------------------- no payload
@@ -275,8 +280,31 @@ class ReplyBuilder:
 
     # ------------------------------------------------------- block status
 
-    def block_status(self, request: RequestHeader, extents: Sequence[ExtentLike]) -> list[Buffer]:
-        """One block status chunk per negotiated context ("Metadata querying")."""
+    def next_data_lookahead(
+        self, request: RequestHeader, extents: Sequence[ExtentLike]
+    ) -> int | None:
+        """Where storage must say data next begins, for x-reference:next-data (None: no need).
+
+        The dispatch layer asks storage (``Backend.next_data``) and passes
+        the answer to :meth:`block_status`.
+        """
+        if self._next_data_id is None:
+            return None
+        pairs = [(e.length, int(e.flags)) for e in extents]
+        return next_data.lookahead(request.offset, pairs, self._size)
+
+    def block_status(
+        self,
+        request: RequestHeader,
+        extents: Sequence[ExtentLike],
+        data_after: int | None = None,
+    ) -> list[Buffer]:
+        """One block status chunk per negotiated context ("Metadata querying").
+
+        Every context shares base:allocation's extents; x-reference:next-data
+        has its own statuses (next_data.py), ``data_after`` being storage's
+        answer to :meth:`next_data_lookahead`.
+        """
         if not extents:
             return self.error(request, Errno.EIO, "no extents")
         # Compact descriptors have 32-bit lengths; extended ones 64-bit.
@@ -291,7 +319,12 @@ class ReplyBuilder:
         chunk_type = ChunkType.BLOCK_STATUS_EXT if self._extended else ChunkType.BLOCK_STATUS
         for i, context_id in enumerate(ids):
             flags = _DONE if i == len(ids) - 1 else _NOT_DONE
-            payload = wire.pack_block_status_payload(context_id, pairs, self._extended)
+            described = pairs
+            if context_id == self._next_data_id:
+                whole = [(e.length, int(e.flags)) for e in extents]
+                found = next_data.statuses(request.offset, whole, self._size, data_after)
+                described = [(length, found[n]) for n, (length, _) in enumerate(pairs)]
+            payload = wire.pack_block_status_payload(context_id, described, self._extended)
             out += [wire.pack_chunk_header(request, flags, chunk_type, len(payload)), payload]
             if self._trace:
                 self._trace_reply(
@@ -300,7 +333,7 @@ class ReplyBuilder:
                     type=chunk_type,
                     flags=flags,
                     context_id=context_id,
-                    extents=pairs[:8],
+                    extents=described[:8],
                 )
         return out
 

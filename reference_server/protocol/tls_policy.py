@@ -27,8 +27,12 @@ end ("it MUST be consistent in its mode of operation across the lifespan of
 a single TCP connection"), with one exception the spec makes: "The server
 MUST operate in NOTLS mode unless ... the client replied with
 NBD_FLAG_C_FIXED_NEWSTYLE".  A SELECTIVETLS server therefore serves such a
-client its plain exports and nothing else; a FORCEDTLS server, which has
-nothing to serve it, closes the connection at once.
+client its plain exports and nothing else.  A FORCEDTLS server has nothing
+to serve it (every export is TLS-only) but still talks to it in NOTLS mode:
+its ``NBD_OPT_EXPORT_NAME`` terminates the session, as the spec requires
+when "requirements for the chosen export are not met", and nothing else
+ends it early ("A party MUST NOT initiate a hard disconnect save where set
+out in this section").
 
 No I/O here: the handshake (handshake.py) asks, and builds the replies.
 """
@@ -83,16 +87,15 @@ class TLSPolicy:
     def for_server(cls, tls_available: bool, exports: Iterable[ExportInfo]) -> TLSPolicy:
         return cls(server_mode(tls_available, exports))
 
-    def client_flags(self, fixed_newstyle: bool) -> str | None:
-        """Settle the connection's mode from the client flags; a reason to close, or None."""
-        if fixed_newstyle or self.mode is TLSMode.NOTLS:
-            return None
-        if self.mode is TLSMode.FORCEDTLS:
-            return "TLS is required but the client is not fixed newstyle"
-        # "MUST operate in NOTLS mode unless ... NBD_FLAG_C_FIXED_NEWSTYLE":
-        # TLS cannot happen, so the TLS-only exports are out of reach.
-        self.mode = TLSMode.NOTLS
-        return None
+    def client_flags(self, fixed_newstyle: bool) -> None:
+        """Settle the connection's mode from the client flags.
+
+        "MUST operate in NOTLS mode unless ... NBD_FLAG_C_FIXED_NEWSTYLE": TLS
+        cannot happen, so the TLS-only exports (under FORCEDTLS, all of them)
+        are out of reach, and :meth:`usable` says so.
+        """
+        if not fixed_newstyle:
+            self.mode = TLSMode.NOTLS
 
     def established(self) -> None:
         """The TLS handshake succeeded (after an acknowledged NBD_OPT_STARTTLS)."""

@@ -28,8 +28,9 @@ def mode_argument(modes: tuple[str, ...]) -> str | None:
     return sys.argv[1]
 
 
-def serve_with(module: object, name: str, replacement: type, argv: list[str]) -> int:
-    """Run the reference server's command line with MODULE.NAME replaced by REPLACEMENT."""
+def serve_with(module: object, name: str, replacement: object, argv: list[str]) -> int:
+    """Run the reference server's command line with MODULE.NAME (a class or a function)
+    replaced by REPLACEMENT."""
     from reference_server import cli
 
     setattr(module, name, replacement)

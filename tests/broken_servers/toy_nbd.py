@@ -66,6 +66,10 @@ class Bugs:
     nul_terminated_strings: bool = False  # names sent with their C terminator
     list_context_ids: bool = False  # LIST_META_CONTEXT replies carry the real context ID
     tls_reqd_in_notls: bool = False  # STARTTLS answered NBD_REP_ERR_TLS_REQD
+    errors_in_host_order: bool = False  # error fields little-endian (EINVAL as 0x16000000)
+    hang_up_on_unknown_export: bool = False  # INFO/GO for another name: the connection closes
+    hang_up_after_refusals: bool = False  # the third refused option closes the connection
+    hang_up_when_idle: bool = False  # one second without a request closes the connection
 
 
 class ToyServer(ToyListener):
@@ -96,6 +100,7 @@ class _Session:
         self.buffer = b""
         self.structured = False
         self.contexts = False
+        self.refusals = 0
 
     # ------------------------------------------------------------------ bytes
 
@@ -117,6 +122,10 @@ class _Session:
     # -------------------------------------------------------------- handshake
 
     def reply(self, option: int, rep: int, data: bytes = b"") -> None:
+        if rep & (1 << 31) and self.bugs.hang_up_after_refusals:
+            self.refusals += 1
+            if self.refusals == 3:
+                raise EOFError("too many refusals")
         self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
 
     def run(self) -> None:
@@ -160,6 +169,8 @@ class _Session:
         (count,) = struct.unpack_from(">H", data, 4 + name_length)
         asked = list(struct.unpack_from(f">{count}H", data, 6 + name_length))
         if name not in ("", EXPORT):
+            if self.bugs.hang_up_on_unknown_export:
+                raise EOFError("unknown export")
             self.reply(option, Rep.ERR_UNKNOWN)
             return False
         if self.bugs.unknown_info_fails and any(i > Info.BLOCK_SIZE for i in asked):
@@ -205,6 +216,8 @@ class _Session:
     # ----------------------------------------------------------- transmission
 
     def transmission(self) -> None:
+        if self.bugs.hang_up_when_idle:
+            self.sock.settimeout(1.0)
         while True:
             if not self.buffer:
                 self.fill()
@@ -266,7 +279,12 @@ class _Session:
         return self.simple(cookie, Errno.OK)
 
     def simple(self, cookie: int, error: int) -> bytes:
-        return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, error, cookie)
+        return struct.pack(">IIQ", SIMPLE_REPLY_MAGIC, self.error_field(error), cookie)
+
+    def error_field(self, error: int) -> int:
+        if self.bugs.errors_in_host_order:
+            return int.from_bytes(error.to_bytes(4, "little"), "big")
+        return error
 
     def chunk(self, cookie: int, kind: int, payload: bytes, *, done: bool) -> bytes:
         flags = ReplyFlag.DONE if done else 0
@@ -279,7 +297,7 @@ class _Session:
         if not self.structured or (cmd != Cmd.READ and self.bugs.simple_errors_under_structured):
             return self.simple(cookie, error)
         message = b"toy error"
-        body = struct.pack(">IH", error, len(message)) + message
+        body = struct.pack(">IH", self.error_field(error), len(message)) + message
         if self.bugs.error_chunk_twice:
             return self.chunk(cookie, ReplyType.ERROR, body, done=False) + self.chunk(
                 cookie, ReplyType.ERROR, body, done=True
