@@ -8,7 +8,10 @@ the EXTENDED_HEADERS extension.
 :class:`Transmission` is sans-IO and never calls storage: the transport feeds
 bytes and receives :class:`~.events.Request` events that are already
 validated; invalid requests are answered here with the error the spec names
-and never reach storage.  Running a request is the dispatch layer's job
+and never reach storage.  The one thing it may ask of the outside is where
+to receive an accepted write's payload (``write_target``, a view of the
+store: the payload then lands in place, and the request says so).
+Running a request is the dispatch layer's job
 (``reference_server/dispatch.py``), which frames the result with
 :attr:`Transmission.replies` (a :class:`~.reply_builder.ReplyBuilder`).
 What the parser expects next is a :class:`~.phases.TransmissionPhase`,
@@ -295,7 +298,7 @@ class Transmission:
                 view[:n] = arrived[:n]
             del self._in[:n]
         if n == len(view):
-            return Request(request, b"", True)
+            return Request(request, b"", in_store=True)
         self._phases.fire(TransmissionTrigger.PAYLOAD_EXPECTED)
         self._payload_header, self._payload_length = request, len(view)
         self._payload, self._filled, self._in_store = view, n, True
@@ -310,7 +313,7 @@ class Transmission:
             if self._filled < length:
                 return NeedData()
             self._phases.fire(TransmissionTrigger.PAYLOAD_RECEIVED)
-            event = Request(self._payload_header, b"", True)
+            event = Request(self._payload_header, b"", in_store=True)
             self._payload_header, self._payload, self._in_store = None, None, False
             return event
         if self._payload is None:
