@@ -682,3 +682,30 @@ def test_file_on_tmpfs_allocates_each_chunk_once_until_it_is_trimmed(
         assert calls[2:] == [(CHUNK, CHUNK)], "a trimmed chunk is allocated again"
     finally:
         b.close()
+
+
+def test_small_reads_of_pages_written_in_place_are_views_of_the_mapping(tmpfs_file: Path) -> None:
+    """Written through the write view, a small read is a view (gathered into one sendmsg
+    with other replies) and its extents need no lseek; a large read, a read reaching
+    unwritten pages, or one after a trim is a file region (sendfile) again."""
+    b = FileBackend(str(tmpfs_file))
+    try:
+        offset = 4 * CHUNK
+        data = bytes(range(256)) * 256  # 64 KiB
+        view = b.write_view(len(data), offset)
+        assert view is not None
+        view[:] = data
+        b.commit_write(len(data), offset, fua=False)
+        parts = b.read_parts(4096, offset + 4096)
+        assert parts is not None and len(parts) == 1 and isinstance(parts[0], memoryview)
+        assert bytes(parts[0]) == data[4096:8192]
+        assert b.read_extents(4096, offset + 4096) == [Extent(4096, 0)]
+        # Too large, or reaching past what was written: a file region.
+        assert isinstance(b.read_parts(128 * 1024, offset)[0], FileRegion)  # type: ignore[index]
+        beyond = b.read_parts(4096, offset + len(data))
+        assert beyond is not None and isinstance(beyond[0], FileRegion)
+        b.trim(len(data), offset, fua=False)
+        after = b.read_parts(4096, offset)
+        assert after is not None and isinstance(after[0], FileRegion)
+    finally:
+        b.close()

@@ -14,6 +14,10 @@ the ``pwrite`` path to report it.  Allocation is remembered per 32 KiB chunk
 (a 4 KiB write allocates its whole chunk), so that a rewrite costs no system
 call; trimming forgets the chunks it touches.  A file truncated underneath
 the export can still fault: its size is fixed when the export is opened.
+
+Small reads of allocated chunks are sent from the mapping too (see
+``FileBackend.read_parts``): as views, the replies of a pass leave in one
+``sendmsg``, where each ``sendfile`` is a system call of its own.
 """
 
 from __future__ import annotations
@@ -56,6 +60,18 @@ class TmpfsMapping:
                 if exc.errno not in _CANNOT_ALLOCATE:
                     return None  # ENOSPC above all
             known.update(range(first, last + 1))
+        return self._view[offset : offset + length]
+
+    def allocated(self, length: int, offset: int) -> bool:
+        """Whether every page of the range is known to be allocated (written through
+        :meth:`write_view`, not trimmed since): data, which reads through the mapping
+        without a fault that would allocate a hole's page."""
+        first, last = offset // CHUNK, (offset + length - 1) // CHUNK
+        known = self._allocated
+        return first in known and (last == first or known.issuperset(range(first, last + 1)))
+
+    def view(self, length: int, offset: int) -> memoryview:
+        """The range as it is now (for a reply: read when it is sent)."""
         return self._view[offset : offset + length]
 
     def forget(self, length: int, offset: int) -> None:
