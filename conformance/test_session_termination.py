@@ -60,6 +60,17 @@ def _answered(client, step: str, option: int, data: bytes = b"", *, wait: float 
     return outcome
 
 
+def _open(server, **options):
+    """A client in transmission after a well-behaved NBD_OPT_GO, and GO's result."""
+    client = s.connect(server)
+    try:
+        go = client.open_export(s.export_name(server), tls=s.tls_context(server), **options)
+    except BaseException:
+        client.close()
+        raise
+    return client, go
+
+
 @spec(
     HAGGLING,
     MUST,
@@ -124,11 +135,18 @@ def test_every_kind_of_option_is_answered_not_hung_up_on(server):
             client,
             "NBD_OPT_GO on the export after all the above",
             Opt.GO,
-            m.pack_name_and_infos(name),
+            m.pack_name_and_infos(name, (Info.BLOCK_SIZE,)),
         )
         expect(go.ok, "NBD_OPT_GO on the export after all the above", "NBD_REP_ACK", go.describe())
         client.transmitting = True
-        s.assert_still_answers(client, "every kind of option")
+        sizes = go.block_size
+        length = max(512, sizes.minimum if sizes else 1)
+        what = "a READ after every kind of option"
+        try:
+            reply = client.reply(client.send_request(Cmd.READ, 0, length))
+        except (Disconnected, TimeoutError, ProtocolViolation) as exc:
+            raise SpecViolation(what, detail=f"expected a reply, actual {exc}") from None
+        expect(reply.error == Errno.OK, what, "success", reply.error.name)
     finally:
         client.close()
 
@@ -177,19 +195,26 @@ def test_an_unwelcome_client_gets_errors_not_a_hang_up(start_server, why):
 )
 def test_valid_requests_and_a_pause_do_not_end_transmission(server):
     """One connection, each kind of valid request with each reply path the export offers:
-    cookies 0 and 2^64-1 and a cookie reused once its reply came, a READ of the last byte and
-    one of 1 MiB, FLUSH, FUA on a READ, CACHE, BLOCK_STATUS with NBD_CMD_FLAG_REQ_ONE, each
-    where advertised, and a quiet pause of 2 s.  Each is answered and the connection stays
-    open; then NBD_CMD_DISC."""
+    cookies 0 and 2^64-1 and a cookie reused once its reply came, a READ of the last byte
+    (or minimum block) and one of 1 MiB (or the maximum payload), FLUSH, FUA on a READ,
+    CACHE, BLOCK_STATUS with NBD_CMD_FLAG_REQ_ONE, each where advertised, and a quiet pause
+    of 2 s.  Each is answered and the connection stays open; then NBD_CMD_DISC."""
     try:
-        client, export = s.transmission(
-            server, structured=True, meta_contexts=(b"base:allocation",)
-        )
+        client, go = _open(server, structured=True, meta_contexts=(b"base:allocation",))
         contexts = True
     except ProtocolViolation:
-        client, export = s.transmission(server)
+        client, go = _open(server)
         contexts = False
+    export = go.export
+    assert export is not None, "NBD_OPT_GO succeeded without NBD_INFO_EXPORT"
     flags = export.flags
+    # Requests keep to the sizes the server advertised ("Size constraints": breaking
+    # them is a client's MUST, for which a server MAY hang up).
+    sizes = go.block_size
+    unit = max(512, sizes.minimum if sizes else 1)
+    big = min(1 << 20, sizes.maximum if sizes else 1 << 25, export.size)
+    big -= big % unit
+    last = unit if sizes and sizes.minimum > 1 else 1
 
     def answered(step: str, cmd: int, cmd_flags: int, offset: int, length: int, cookie: int):
         try:
@@ -204,18 +229,18 @@ def test_valid_requests_and_a_pause_do_not_end_transmission(server):
 
     try:
         steps = [
-            ("a READ with cookie 0", Cmd.READ, 0, 0, 512, 0),
-            ("a READ with cookie 2^64-1", Cmd.READ, 0, 0, 512, (1 << 64) - 1),
-            ("a READ reusing cookie 0 after its reply", Cmd.READ, 0, 4096, 512, 0),
-            ("a READ of the last byte", Cmd.READ, 0, export.size - 1, 1, 1),
-            ("a READ of 1 MiB", Cmd.READ, 0, 0, min(1 << 20, export.size), 2),
+            ("a READ with cookie 0", Cmd.READ, 0, 0, unit, 0),
+            ("a READ with cookie 2^64-1", Cmd.READ, 0, 0, unit, (1 << 64) - 1),
+            ("a READ reusing cookie 0 after its reply", Cmd.READ, 0, 4 * unit, unit, 0),
+            ("a READ of the last block", Cmd.READ, 0, export.size - last, last, 1),
+            (f"a READ of {big} bytes", Cmd.READ, 0, 0, big, 2),
         ]
         if flags & TransmissionFlag.SEND_FLUSH:
             steps.append(("NBD_CMD_FLUSH", Cmd.FLUSH, 0, 0, 0, 3))
         if flags & TransmissionFlag.SEND_FUA:
-            steps.append(("a READ with NBD_CMD_FLAG_FUA", Cmd.READ, CmdFlag.FUA, 0, 512, 4))
+            steps.append(("a READ with NBD_CMD_FLAG_FUA", Cmd.READ, CmdFlag.FUA, 0, unit, 4))
         if flags & TransmissionFlag.SEND_CACHE:
-            steps.append(("NBD_CMD_CACHE", Cmd.CACHE, 0, 0, 4096, 5))
+            steps.append(("NBD_CMD_CACHE", Cmd.CACHE, 0, 0, 8 * unit, 5))
         if contexts:
             steps.append(
                 (
@@ -223,7 +248,7 @@ def test_valid_requests_and_a_pause_do_not_end_transmission(server):
                     Cmd.BLOCK_STATUS,
                     CmdFlag.REQ_ONE,
                     0,
-                    min(1 << 20, export.size),
+                    big,
                     6,
                 )
             )
@@ -236,7 +261,7 @@ def test_valid_requests_and_a_pause_do_not_end_transmission(server):
             "open",
             f"{how} (after {len(data)} unexpected bytes)",
         )
-        answered("a READ after the pause", Cmd.READ, 0, 0, 512, 7)
+        answered("a READ after the pause", Cmd.READ, 0, 0, unit, 7)
     finally:
         client.disconnect()
         client.close()
