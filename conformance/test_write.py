@@ -19,6 +19,12 @@ from conformance.spec import (
 
 REQUESTS = "Values / Transmission phase / Request types"
 WRITE_RULE = "The server MUST write the data to disk, and then send the reply message."
+DEFAULT_SIZES = (
+    "If size constraints have not been advertised or agreed on externally, then a server "
+    "SHOULD support a default minimum block size of 1, a preferred block size of 2^12 "
+    "(4,096), and a maximum payload size that is at least 2^25 (33,554,432) (even if the "
+    "export size is smaller);"
+)
 
 pytestmark = pytest.mark.writes
 
@@ -71,14 +77,7 @@ def _connect_without_sizes(server):
         raise
 
 
-@spec(
-    "Size constraints",
-    SHOULD,
-    quote="If size constraints have not been advertised or agreed "
-    "on externally, then a server SHOULD support a default minimum block size of 1, a "
-    "preferred block size of 2^12 (4,096), and a maximum payload size that is at least 2^25 "
-    "(33,554,432) (even if the export size is smaller);",
-)
+@spec("Size constraints", SHOULD, quote=DEFAULT_SIZES)
 def test_default_maximum_payload_without_block_size_request(server):
     """A client that did not ask for sizes may still write 32 MiB (or the whole export)."""
     h = _connect_without_sizes(server)
@@ -88,14 +87,7 @@ def test_default_maximum_payload_without_block_size_request(server):
     expect_data(h.pread(length, 0), data, f"{length}-byte write without NBD_INFO_BLOCK_SIZE")
 
 
-@spec(
-    "Size constraints",
-    SHOULD,
-    quote="If size constraints have not been advertised or agreed "
-    "on externally, then a server SHOULD support a default minimum block size of 1, a "
-    "preferred block size of 2^12 (4,096), and a maximum payload size that is at least 2^25 "
-    "(33,554,432) (even if the export size is smaller);",
-)
+@spec("Size constraints", SHOULD, quote=DEFAULT_SIZES)
 def test_default_minimum_and_preferred_block_sizes_without_block_size_request(server):
     """A client that did not ask for sizes (and so agreed on none): a 1-byte write at an odd
     offset, 3 bytes across a 4 KiB boundary, a 1-byte read, and a 4 KiB write and read at a

@@ -29,13 +29,13 @@ from conformance.wire import Cmd, Errno, HandshakeFlag, Info, Opt, Rep, ReplyFla
 from conformance.wire.constants import (
     IHAVEOPT,
     NBDMAGIC,
-    OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     TransmissionFlag,
 )
 from tests.broken_servers.toy_listener import ToyListener
+from tests.broken_servers.toy_wire import ToyConnection, meta_context_query
 
 SIZE = 1 << 20
 EXPORT = "toy"
@@ -94,27 +94,13 @@ class ToyServer(ToyListener):
             conn.close()
 
 
-class _Session:
+class _Session(ToyConnection):
     def __init__(self, server: ToyServer, conn: socket.socket) -> None:
-        self.server, self.bugs, self.sock = server, server.bugs, conn
-        self.buffer = b""
+        super().__init__(conn)
+        self.server, self.bugs = server, server.bugs
         self.structured = False
         self.contexts = False
         self.refusals = 0
-
-    # ------------------------------------------------------------------ bytes
-
-    def fill(self) -> None:
-        piece = self.sock.recv(1 << 20)
-        if not piece:
-            raise EOFError
-        self.buffer += piece
-
-    def recv(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            self.fill()
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
 
     def string(self, text: str) -> bytes:
         return text.encode() + (b"\0" if self.bugs.nul_terminated_strings else b"")
@@ -126,7 +112,7 @@ class _Session:
             self.refusals += 1
             if self.refusals == 3:
                 raise EOFError("too many refusals")
-        self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
+        super().reply(option, rep, data)
 
     def run(self) -> None:
         flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
@@ -194,15 +180,7 @@ class _Session:
         return True
 
     def meta_context(self, option: int, data: bytes) -> None:
-        (name_length,) = struct.unpack_from(">I", data)
-        at = 4 + name_length
-        (count,) = struct.unpack_from(">I", data, at)
-        at += 4
-        queries = []
-        for _ in range(count):
-            (length,) = struct.unpack_from(">I", data, at)
-            queries.append(data[at + 4 : at + 4 + length])
-            at += 4 + length
+        _, queries = meta_context_query(data)
         wanted = not queries or any(q in (b"base:", b"base:allocation") for q in queries)
         if wanted:
             listed = option == Opt.LIST_META_CONTEXT and not self.bugs.list_context_ids

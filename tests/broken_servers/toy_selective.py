@@ -27,10 +27,10 @@ from conformance.wire import Cmd, HandshakeFlag, Info, Opt, Rep
 from conformance.wire.constants import (
     IHAVEOPT,
     NBDMAGIC,
-    OPTION_REPLY_MAGIC,
     SIMPLE_REPLY_MAGIC,
 )
 from tests.broken_servers.toy_listener import ToyListener
+from tests.broken_servers.toy_wire import ToyConnection
 
 PLAIN = ""
 FIXED_NEWSTYLE = 1
@@ -84,26 +84,14 @@ class ToySelective(ToyListener):
             conn.close()
 
 
-class _Session:
+class _Session(ToyConnection):
     def __init__(self, server: ToySelective, conn: socket.socket) -> None:
-        self.server, self.bugs, self.sock = server, server.bugs, conn
+        super().__init__(conn)
+        self.server, self.bugs = server, server.bugs
         self.mode = server.mode
-        self.buffer = b""
         self.tls = self.structured = False
         self.options_seen = 0
         self.zeroes = True
-
-    def recv(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            piece = self.sock.recv(65536)
-            if not piece:
-                raise EOFError
-            self.buffer += piece
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def reply(self, option: int, rep: int, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
 
     def usable(self, name: str) -> bool:
         if name not in (PLAIN, TLS_ONLY_EXPORT):

@@ -22,11 +22,11 @@ from conformance.wire import Cmd, HandshakeFlag, Info, Opt, Rep, ReplyFlag, Repl
 from conformance.wire.constants import (
     IHAVEOPT,
     NBDMAGIC,
-    OPTION_REPLY_MAGIC,
     SIMPLE_REPLY_MAGIC,
     STRUCTURED_REPLY_MAGIC,
 )
 from tests.broken_servers.toy_listener import ToyListener
+from tests.broken_servers.toy_wire import ToyConnection
 
 SIZE = 1 << 20
 
@@ -64,23 +64,11 @@ class ToyServer(ToyListener):
             conn.close()
 
 
-class _Session:
+class _Session(ToyConnection):
     def __init__(self, server: ToyServer, conn: socket.socket) -> None:
-        self.server, self.bugs, self.sock = server, server.bugs, conn
-        self.buffer = b""
+        super().__init__(conn)
+        self.server, self.bugs = server, server.bugs
         self.tls = self.structured = False
-
-    def recv(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            piece = self.sock.recv(65536)  # greedy, like a buffered reader
-            if not piece:
-                raise EOFError
-            self.buffer += piece
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def reply(self, option: int, rep: int, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
 
     def run(self) -> None:
         flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES

@@ -25,12 +25,12 @@ from conformance.wire.constants import (
     EXTENDED_REQUEST_MAGIC,
     IHAVEOPT,
     NBDMAGIC,
-    OPTION_REPLY_MAGIC,
     REQUEST_MAGIC,
     STRUCTURED_REPLY_MAGIC,
     TransmissionFlag,
 )
 from tests.broken_servers.toy_listener import ToyListener
+from tests.broken_servers.toy_wire import ToyConnection, meta_context_query
 
 SIZE = 1 << 20
 EXPORT = "toy"
@@ -75,24 +75,12 @@ class ToyWide(ToyListener):
             conn.close()
 
 
-class _Session:
+class _Session(ToyConnection):
     def __init__(self, behaviour: Behaviour, conn: socket.socket) -> None:
-        self.bugs, self.sock = behaviour, conn
-        self.buffer = b""
+        super().__init__(conn)
+        self.bugs = behaviour
         self.structured = self.extended = False
         self.selected: list[bytes] = []
-
-    def recv(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            piece = self.sock.recv(1 << 16)
-            if not piece:
-                raise EOFError
-            self.buffer += piece
-        data, self.buffer = self.buffer[:n], self.buffer[n:]
-        return data
-
-    def reply(self, option: int, rep: int, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">QIII", OPTION_REPLY_MAGIC, option, rep, len(data)) + data)
 
     def run(self) -> None:
         flags = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
@@ -120,15 +108,7 @@ class _Session:
                 self.reply(option, Rep.ERR_UNSUP)
 
     def meta_context(self, option: int, data: bytes) -> None:
-        (name_length,) = struct.unpack_from(">I", data)
-        at = 4 + name_length
-        (count,) = struct.unpack_from(">I", data, at)
-        at += 4
-        queries = []
-        for _ in range(count):
-            (length,) = struct.unpack_from(">I", data, at)
-            queries.append(data[at + 4 : at + 4 + length])
-            at += 4 + length
+        _, queries = meta_context_query(data)
         setting = option == Opt.SET_META_CONTEXT
         if setting:
             self.selected = []
