@@ -60,17 +60,6 @@ def _answered(client, step: str, option: int, data: bytes = b"", *, wait: float 
     return outcome
 
 
-def _open(server, **options):
-    """A client in transmission after a well-behaved NBD_OPT_GO, and GO's result."""
-    client = s.connect(server)
-    try:
-        go = client.open_export(s.export_name(server), tls=s.tls_context(server), **options)
-    except BaseException:
-        client.close()
-        raise
-    return client, go
-
-
 @spec(
     HAGGLING,
     MUST,
@@ -200,10 +189,12 @@ def test_valid_requests_and_a_pause_do_not_end_transmission(server):
     CACHE, BLOCK_STATUS with NBD_CMD_FLAG_REQ_ONE, each where advertised, and a quiet pause
     of 2 s.  Each is answered and the connection stays open; then NBD_CMD_DISC."""
     try:
-        client, go = _open(server, structured=True, meta_contexts=(b"base:allocation",))
+        client, go = s.transmission_and_go(
+            server, structured=True, meta_contexts=(b"base:allocation",)
+        )
         contexts = True
     except ProtocolViolation:
-        client, go = _open(server)
+        client, go = s.transmission_and_go(server)
         contexts = False
     export = go.export
     assert export is not None, "NBD_OPT_GO succeeded without NBD_INFO_EXPORT"

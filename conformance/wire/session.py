@@ -94,9 +94,34 @@ def transmission(
     timeout: float = PROBE_TIMEOUT,
 ) -> tuple[WireClient, ExportInfo]:
     """A client in the transmission phase after a well-behaved NBD_OPT_GO, and the export."""
+    client, go = transmission_and_go(
+        server,
+        structured=structured,
+        extended=extended,
+        meta_contexts=meta_contexts,
+        infos=infos,
+        timeout=timeout,
+    )
+    export = go.export
+    if export is None:
+        client.close()
+        raise ProtocolViolation(f"NBD_OPT_GO succeeded without NBD_INFO_EXPORT: {go.describe()}")
+    return client, export
+
+
+def transmission_and_go(
+    server: Any,
+    *,
+    structured: bool = False,
+    extended: bool = False,
+    meta_contexts: tuple[bytes, ...] = (),
+    infos: tuple[int, ...] = (Info.BLOCK_SIZE,),
+    timeout: float = PROBE_TIMEOUT,
+) -> tuple[WireClient, OptionResult]:
+    """:func:`transmission`, with all of NBD_OPT_GO's result (block sizes, name...)."""
     client = connect(server, timeout=timeout)
     try:
-        result = client.open_export(
+        go = client.open_export(
             export_name(server),
             tls=tls_context(server),
             structured=structured,
@@ -104,15 +129,10 @@ def transmission(
             meta_contexts=meta_contexts,
             infos=infos,
         )
-        export = result.export
-        if export is None:
-            raise ProtocolViolation(
-                f"NBD_OPT_GO succeeded without NBD_INFO_EXPORT: {result.describe()}"
-            )
     except BaseException:
         client.close()
         raise
-    return client, export
+    return client, go
 
 
 def transmission_with(server: Any, replies: str) -> tuple[WireClient, ExportInfo]:
